@@ -1,0 +1,158 @@
+"""The R2R bundle: one directory that holds a routed reranker.
+
+::
+
+    r2r.json                 format version, base model id + fingerprint, template, instructions,
+                             experts (name -> subfolder), router files, threshold
+    experts/<name>/          a standard peft adapter folder (peft and vLLM load it directly)
+    router.safetensors       the router head (+ router.json, its settings)
+
+Loading validates every field and file, never unpickles, and refuses a bundle whose base fingerprint does
+not match the backbone it is loaded on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from r2r_core.experts import EXPERT_META_FILE, validate_expert_name
+from r2r_core.router import ROUTER_CONFIG, ROUTER_WEIGHTS, LatentRouter
+from r2r_core.templates import PromptTemplate
+
+__all__ = ["BUNDLE_FILE", "FORMAT_VERSION", "BundleConfig", "is_bundle", "read_bundle", "write_bundle"]
+
+BUNDLE_FILE = "r2r.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class BundleConfig:
+    base_model: str
+    base_fingerprint: dict
+    template: dict
+    instruction: str | None = None
+    expert_instructions: dict[str, str] = field(default_factory=dict)
+    experts: dict[str, str] = field(default_factory=dict)
+    router: dict | None = None  # {"weights": "router.safetensors", "config": "router.json"}
+    threshold: float | None = None
+    format_version: int = FORMAT_VERSION
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"format_version {self.format_version!r} is not supported (this r2r reads "
+                             f"{FORMAT_VERSION})")
+        if not isinstance(self.base_model, str) or not self.base_model:
+            raise ValueError(f"base_model must be a non-empty string, got {self.base_model!r}")
+        if not isinstance(self.base_fingerprint, dict) or "probe" not in self.base_fingerprint:
+            raise ValueError("base_fingerprint must be the dict written by r2r_core.backbone.fingerprint_model")
+        PromptTemplate.from_dict(self.template)
+        for name, sub in self.experts.items():
+            validate_expert_name(name)
+            if not isinstance(sub, str) or Path(sub).is_absolute() or ".." in Path(sub).parts:
+                raise ValueError(f"expert {name!r}: path must be relative inside the bundle, got {sub!r}")
+        unknown = sorted(set(self.expert_instructions) - set(self.experts))
+        if unknown:
+            raise ValueError(f"expert_instructions name experts that are not in `experts`: {unknown}")
+        if self.router is not None and set(self.router) != {"weights", "config"}:
+            raise ValueError(f"router must be {{'weights': ..., 'config': ...}} or null, got {self.router!r}")
+        if self.threshold is not None and not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / BUNDLE_FILE).is_file()
+
+
+def read_bundle(path: str | Path) -> BundleConfig:
+    """Read and validate ``r2r.json`` and check that every file it names exists."""
+    root = Path(path)
+    cfg_path = root / BUNDLE_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: {root} is not an R2R bundle")
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object")
+    try:
+        config = BundleConfig(**data)
+    except TypeError as exc:
+        raise ValueError(f"{cfg_path}: {exc}") from exc
+    except ValueError as exc:
+        raise ValueError(f"{cfg_path}: {exc}") from exc
+    for name, sub in config.experts.items():
+        folder = root / sub
+        for fname in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (folder / fname).is_file():
+                raise FileNotFoundError(f"{folder / fname} (expert {name!r}) named in {cfg_path} not found")
+    if config.router is not None:
+        for key in ("weights", "config"):
+            if not (root / config.router[key]).is_file():
+                raise FileNotFoundError(f"{root / config.router[key]} (router {key}) named in {cfg_path} not found")
+    return config
+
+
+def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, template: PromptTemplate,
+                 instruction: str | None = None, experts: dict[str, str | Path] | None = None,
+                 router: LatentRouter | None = None, threshold: float | None = None,
+                 expert_instructions: dict[str, str] | None = None, metadata: dict | None = None) -> Path:
+    """Write a complete bundle atomically (built in a temporary folder, then moved into place).
+
+    ``experts`` maps names to peft adapter folders, which are copied to ``experts/<name>/`` along with an
+    ``r2r_expert.json`` recording the base model and its fingerprint.
+    """
+    root = Path(path)
+    experts = dict(experts or {})
+    if root.exists() and any(root.iterdir()) and not is_bundle(root):
+        raise FileExistsError(f"{root} exists and is not an R2R bundle; refusing to overwrite it")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        sub_paths: dict[str, str] = {}
+        for name, src in experts.items():
+            validate_expert_name(name)
+            src = Path(src)
+            if not (src / "adapter_config.json").is_file() or not (src / "adapter_model.safetensors").is_file():
+                raise FileNotFoundError(f"expert {name!r}: {src} is not a peft adapter folder with safetensors")
+            dst = tmp / "experts" / name
+            dst.mkdir(parents=True)
+            for fname in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copy2(src / fname, dst / fname)
+            meta = {"base_model": base_model, "base_fingerprint": base_fingerprint}
+            (dst / EXPERT_META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            sub_paths[name] = f"experts/{name}"
+        router_entry = None
+        if router is not None:
+            router.save(tmp)
+            router_entry = {"weights": ROUTER_WEIGHTS, "config": ROUTER_CONFIG}
+            unknown = sorted(set(router.labels) - set(experts))
+            if unknown:
+                raise ValueError(f"the router routes to {unknown}, which are not experts of this bundle")
+        config = BundleConfig(
+            base_model=base_model, base_fingerprint=base_fingerprint, template=template.to_dict(),
+            instruction=instruction, expert_instructions=dict(expert_instructions or {}), experts=sub_paths,
+            router=router_entry, threshold=threshold, metadata=dict(metadata or {}),
+        )
+        (tmp / BUNDLE_FILE).write_text(config.to_json(), encoding="utf-8")
+        if root.exists():
+            old = root.with_name(f".{root.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(root, old)
+            os.replace(tmp, root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -1,0 +1,303 @@
+"""``R2RReranker``: the public facade -- route the query, then score its candidates with the chosen expert."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from r2r_core.backbone import Backbone, fingerprints_match, load_backbone
+from r2r_core.bundle import is_bundle, read_bundle, write_bundle
+from r2r_core.experts import ExpertSet
+from r2r_core.router import LatentRouter, Route
+from r2r_core.scoring import (
+    BASE_ADAPTER,
+    PromptEncoder,
+    YesNoIds,
+    install_yes_no_head,
+    prefix_cached_margins,
+    yes_no_margins,
+)
+from r2r_core.templates import PromptTemplate, get_template, template_from_chat
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_BUNDLE_DIR", "R2RReranker", "RerankResult", "Route"]
+
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """One reranked document: its position in the input, its score, the text and the expert that scored it."""
+
+    index: int
+    score: float
+    document: str
+    expert: str
+    margin: float
+
+
+def _check_query(query) -> str:
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError(f"`query` must be a non-empty string, got {query!r}")
+    return query
+
+
+def _check_documents(documents, name: str = "documents") -> list[str]:
+    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+        raise TypeError(f"`{name}` must be a sequence of strings, got {type(documents).__name__}")
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, str):
+            raise TypeError(f"`{name}[{i}]` must be a string, got {type(doc).__name__}")
+    return list(documents)
+
+
+def _check_top_n(top_n, n: int) -> int:
+    if top_n is None:
+        return n
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n <= 0:
+        raise ValueError(f"`top_n` must be an int >= 1 or None, got {top_n!r}")
+    return min(top_n, n)
+
+
+def _guess_template(model_id: str, tokenizer) -> PromptTemplate:
+    lowered = model_id.lower()
+    if "qwen3-reranker" in lowered:
+        return get_template("qwen3")
+    if "bge-reranker-v2-gemma" in lowered:
+        return get_template("bge-gemma")
+    if getattr(tokenizer, "chat_template", None):
+        return template_from_chat(tokenizer)
+    return get_template("qwen3")
+
+
+class R2RReranker:
+    """Domain-routed decoder-only reranker: one frozen backbone, LoRA experts, a latent semantic router.
+
+    Load once (``from_pretrained``) and reuse; every call is thread-safe and routes experts per row.
+    """
+
+    def __init__(self, backbone: Backbone, template: PromptTemplate, *, instruction: str | None = None,
+                 router: LatentRouter | None = None, threshold: float | None = None, batch_size: int = 16,
+                 max_length: int = 512, use_prefix_cache: bool = True):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
+        self.backbone = backbone
+        self.template = template
+        self.instruction = instruction or template.default_instruction
+        self.batch_size = batch_size
+        self.encoder = PromptEncoder(backbone.tokenizer, template, max_length)
+        self.yes_no = YesNoIds.from_tokenizer(backbone.tokenizer, template)
+        install_yes_no_head(backbone.model, self.yes_no)
+        self._experts = ExpertSet(backbone.model, backbone.fingerprint)
+        self.router = router
+        self.threshold = threshold
+        self.use_prefix_cache = use_prefix_cache
+        self._lock = threading.RLock()
+        self._sources: dict[str, Path] = {}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "default", *, device=None, dtype="auto",
+                        batch_size: int = 16, max_length: int = 512, trust_remote_code: bool = False,
+                        template: str | PromptTemplate | None = None) -> R2RReranker:
+        """``"default"`` (the bundle shipped in the package), an R2R bundle folder, or any causal LM
+        (hub id or local folder), which is then used as a generalist with no experts."""
+        if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
+            raise ValueError(f"`name_or_path` must be 'default', a bundle folder or a model id, got {name_or_path!r}")
+        path = DEFAULT_BUNDLE_DIR if str(name_or_path) == "default" else Path(name_or_path)
+        if is_bundle(path):
+            return cls._from_bundle(path, device=device, dtype=dtype, batch_size=batch_size,
+                                    max_length=max_length, trust_remote_code=trust_remote_code, template=template)
+        if str(name_or_path) == "default":
+            raise FileNotFoundError(f"the default bundle is missing ({DEFAULT_BUNDLE_DIR / 'r2r.json'}); "
+                                    "reinstall r2r-rerank")
+        backbone = load_backbone(str(name_or_path), device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        tpl = get_template(template) if isinstance(template, str) else template
+        tpl = tpl or _guess_template(str(name_or_path), backbone.tokenizer)
+        return cls(backbone, tpl, batch_size=batch_size, max_length=max_length)
+
+    @classmethod
+    def _from_bundle(cls, path: Path, *, template=None, **kwargs) -> R2RReranker:
+        config = read_bundle(path)
+        base = config.base_model
+        backbone = load_backbone(base, device=kwargs["device"], dtype=kwargs["dtype"],
+                                 trust_remote_code=kwargs["trust_remote_code"])
+        if not fingerprints_match(config.base_fingerprint, backbone.fingerprint):
+            raise ValueError(
+                f"{path / 'r2r.json'} was made for a different base model: the weights loaded for {base!r} do "
+                "not match the fingerprint recorded in the bundle"
+            )
+        tpl = get_template(template) if isinstance(template, str) else template
+        tpl = tpl or PromptTemplate.from_dict(config.template)
+        router = None
+        if config.router is not None:
+            router = LatentRouter.load(path, config.router["weights"], config.router["config"])
+        self = cls(backbone, tpl, instruction=config.instruction, router=router, threshold=config.threshold,
+                   batch_size=kwargs["batch_size"], max_length=kwargs["max_length"])
+        for name, sub in config.experts.items():
+            self.add_expert(name, path / sub, instruction=config.expert_instructions.get(name))
+        if router is not None:
+            missing = sorted(set(router.labels) - set(self.experts))
+            if missing:
+                raise ValueError(f"{path / 'r2r.json'}: the router routes to {missing}, which are not experts")
+        return self
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write this reranker as a bundle (experts, router, template, instructions, base fingerprint)."""
+        with self._lock:
+            return write_bundle(
+                path, base_model=self.backbone.model_id, base_fingerprint=self.backbone.fingerprint,
+                template=self.template, instruction=self.instruction, experts=dict(self._sources),
+                router=self.router, threshold=self.threshold,
+                expert_instructions={n: i for n in self.experts if (i := self._experts.instruction(n))},
+            )
+
+    # ------------------------------------------------------------------ experts
+    @property
+    def experts(self) -> list[str]:
+        return self._experts.names
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._experts.model
+
+    @property
+    def tokenizer(self):
+        return self.backbone.tokenizer
+
+    def add_expert(self, name: str, adapter_dir: str | Path, instruction: str | None = None) -> None:
+        with self._lock:
+            self._experts.add(name, adapter_dir, instruction)
+            self._sources[name] = Path(adapter_dir)
+
+    def remove_expert(self, name: str) -> None:
+        with self._lock:
+            self._experts.remove(name)
+            del self._sources[name]
+
+    # ------------------------------------------------------------------ routing
+    def route(self, query: str) -> Route:
+        """The expert the router picks for ``query`` (``"__base__"`` without a router or below threshold)."""
+        return self._route_many([_check_query(query)])[0]
+
+    def _route_many(self, queries: list[str]) -> list[Route]:
+        if self.router is None:
+            return [Route(BASE_ADAPTER, {}) for _ in queries]
+        with self._lock:
+            feats = self.router.encode(self.model, self.tokenizer, queries, batch_size=self.batch_size)
+        return self.router.route_features(feats, self.threshold)
+
+    def _instruction_for(self, expert: str) -> str:
+        return (self._experts.instruction(expert) if expert != BASE_ADAPTER else None) or self.instruction
+
+    # ------------------------------------------------------------------ scoring
+    def _margins(self, queries: list[str], experts: list[str], docs_per_query: list[list[str]]) -> list[list[float]]:
+        prefixes, rows, counts = [], [], []
+        for qi, (query, expert, docs) in enumerate(zip(queries, experts, docs_per_query)):
+            prefix, tails = self.encoder.encode(self._instruction_for(expert), query, docs)
+            prefixes.append(prefix)
+            rows.extend((qi, t) for t in tails)
+            counts.append(len(tails))
+        with self._lock, torch.inference_mode():
+            if self.use_prefix_cache:
+                flat = prefix_cached_margins(self.model, prefixes, experts, rows, self.tokenizer.pad_token_id,
+                                             self.batch_size, self.yes_no)
+            else:
+                flat = self._plain_margins(prefixes, experts, rows)
+        out, start = [], 0
+        for c in counts:
+            out.append(flat[start : start + c])
+            start += c
+        return out
+
+    def _plain_margins(self, prefixes, experts, rows) -> list[float]:
+        order = sorted(range(len(rows)), key=lambda i: -(len(prefixes[rows[i][0]]) + len(rows[i][1])))
+        flat = [0.0] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            seqs = [prefixes[rows[i][0]] + list(rows[i][1]) for i in chunk]
+            names = [experts[rows[i][0]] for i in chunk]
+            m = yes_no_margins(self.model, seqs, self.tokenizer.pad_token_id, adapter_names=names)
+            for i, v in zip(chunk, m.tolist()):
+                flat[i] = v
+        return flat
+
+    @staticmethod
+    def _results(docs: list[str], margins: list[float], expert: str, top_n: int) -> list[RerankResult]:
+        results = [
+            RerankResult(i, float(torch.sigmoid(torch.tensor(m))), d, expert, float(m))
+            for i, (d, m) in enumerate(zip(docs, margins))
+        ]
+        results.sort(key=lambda r: (-r.margin, r.index))
+        return results[:top_n]
+
+    def _resolve_expert(self, query: str, expert: str | None) -> str:
+        if expert is not None:
+            return self._experts.check(expert)
+        return self._route_many([query])[0].expert
+
+    def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
+               expert: str | None = None) -> list[RerankResult]:
+        """Score ``documents`` for ``query`` and return them best first (at most ``top_n``)."""
+        _check_query(query)
+        docs = _check_documents(documents)
+        n = _check_top_n(top_n, len(docs))
+        if expert is not None:
+            self._experts.check(expert)
+        if not docs:
+            return []
+        chosen = self._resolve_expert(query, expert)
+        margins = self._margins([query], [chosen], [docs])[0]
+        return self._results(docs, margins, chosen, n)
+
+    async def arerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
+                      expert: str | None = None) -> list[RerankResult]:
+        """``rerank`` in a worker thread, so the event loop keeps running."""
+        return await asyncio.to_thread(self.rerank, query, documents, top_n, expert)
+
+    def score(self, query: str, documents: Sequence[str], expert: str | None = None) -> list[float]:
+        """Sigmoid scores in input order."""
+        return [r.score for r in sorted(self.rerank(query, documents, expert=expert), key=lambda r: r.index)]
+
+    def rerank_batch(self, queries: Sequence[str], documents_per_query: Sequence[Sequence[str]],
+                     top_n: int | None = None, experts: Sequence[str | None] | None = None
+                     ) -> list[list[RerankResult]]:
+        """Rerank many queries at once; candidates of queries routed to different experts share batches."""
+        if isinstance(queries, str) or not isinstance(queries, Sequence):
+            raise TypeError(f"`queries` must be a sequence of strings, got {type(queries).__name__}")
+        if isinstance(documents_per_query, str) or len(documents_per_query) != len(queries):
+            raise ValueError(f"`documents_per_query` must have one list per query ({len(queries)}), "
+                             f"got {len(documents_per_query) if isinstance(documents_per_query, Sequence) else '?'}")
+        if experts is not None and len(experts) != len(queries):
+            raise ValueError(f"`experts` must have one entry per query ({len(queries)}), got {len(experts)}")
+        for i, q in enumerate(queries):
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(f"`queries[{i}]` must be a non-empty string, got {q!r}")
+        docs = [_check_documents(d, f"documents_per_query[{i}]") for i, d in enumerate(documents_per_query)]
+        top = [_check_top_n(top_n, len(d)) for d in docs]
+        fixed = list(experts) if experts is not None else [None] * len(queries)
+        for e in fixed:
+            if e is not None:
+                self._experts.check(e)
+        need = [i for i, e in enumerate(fixed) if e is None and docs[i]]
+        routed = dict(zip(need, self._route_many([queries[i] for i in need]))) if need else {}
+        chosen = [fixed[i] if fixed[i] is not None else routed[i].expert if i in routed else BASE_ADAPTER
+                  for i in range(len(queries))]
+        live = [i for i in range(len(queries)) if docs[i]]
+        margins = self._margins([queries[i] for i in live], [chosen[i] for i in live], [docs[i] for i in live])
+        out: list[list[RerankResult]] = [[] for _ in queries]
+        for i, m in zip(live, margins):
+            out[i] = self._results(docs[i], m, chosen[i], top[i])
+        return out
+
+    def __repr__(self) -> str:
+        return (f"R2RReranker(base={self.backbone.model_id!r}, experts={self.experts}, "
+                f"router={'yes' if self.router else 'no'}, device={self.backbone.device}, "
+                f"dtype={self.backbone.dtype})")

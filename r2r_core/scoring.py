@@ -1,0 +1,268 @@
+"""Pointwise decoder-only relevance: ``s(q, d) = sigmoid(z_yes - z_no)`` at the last real prompt token.
+
+Two forward paths share one tokenization:
+
+* :func:`yes_no_margins` -- the plain path: whole prompts, right-padded, one forward pass. Differentiable,
+  used for training and as the reference the fast path is tested against.
+* :func:`prefix_cached_margins` -- the fast path for inference: the prefix (system, instruction, query) is
+  encoded once per query and expert, and its KV cache is reused by every candidate of that query; rows are
+  sorted by length so batches carry almost no padding; rows of different experts share a batch through peft's
+  per-row ``adapter_names``.
+
+Both read the logits at each row's last real token whatever the padding, and with :class:`YesNoHead`
+installed the LM head computes only the "yes" and "no" rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from r2r_core.templates import PromptTemplate
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BASE_ADAPTER",
+    "PromptEncoder",
+    "YesNoHead",
+    "YesNoIds",
+    "encode_pair",
+    "install_yes_no_head",
+    "prefix_cached_margins",
+    "yes_no_margins",
+]
+
+BASE_ADAPTER = "__base__"
+_MIN_DOC_TOKENS = 16
+_CHARS_PER_TOKEN_BOUND = 32  # documents are cut to budget * this many characters before tokenizing
+
+
+@dataclass(frozen=True)
+class YesNoIds:
+    yes: int
+    no: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, template: PromptTemplate) -> YesNoIds:
+        ids = []
+        for word in (template.yes_token, template.no_token):
+            toks = tokenizer.encode(word, add_special_tokens=False)
+            if len(toks) != 1:
+                raise ValueError(
+                    f"the template's answer token {word!r} is {len(toks)} tokens for this tokenizer; "
+                    "it must be exactly one token"
+                )
+            ids.append(toks[0])
+        return cls(yes=ids[0], no=ids[1])
+
+
+class PromptEncoder:
+    """Tokenizes prompts as ``prefix | doc_sep + document | suffix``; only the document is truncated."""
+
+    def __init__(self, tokenizer, template: PromptTemplate, max_length: int = 512):
+        if not isinstance(max_length, int) or max_length < 2 * _MIN_DOC_TOKENS:
+            raise ValueError(f"`max_length` must be an int >= {2 * _MIN_DOC_TOKENS}, got {max_length!r}")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self._suffix_cache: dict[str, list[int]] = {}
+        self._warned_long_prefix = False
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prefix_ids(self, instruction: str, query: str) -> list[int]:
+        ids = self._ids(self.template.render_prefix(instruction, query))
+        if self.template.add_bos:
+            bos = self.tokenizer.bos_token_id
+            if bos is None:
+                raise ValueError(f"template {self.template.name!r} needs a BOS token; this tokenizer has none")
+            ids = [bos, *ids]
+        return ids
+
+    def suffix_ids(self, instruction: str) -> list[int]:
+        if instruction not in self._suffix_cache:
+            self._suffix_cache[instruction] = self._ids(self.template.render_suffix(instruction))
+        return self._suffix_cache[instruction]
+
+    def doc_budget(self, prefix_len: int, suffix_len: int) -> int:
+        budget = self.max_length - prefix_len - suffix_len
+        if budget < _MIN_DOC_TOKENS:
+            if not self._warned_long_prefix:
+                logger.warning(
+                    "query and template take %d of max_length=%d tokens; keeping %d document tokens anyway",
+                    prefix_len + suffix_len, self.max_length, _MIN_DOC_TOKENS,
+                )
+                self._warned_long_prefix = True
+            budget = _MIN_DOC_TOKENS
+        return budget
+
+    def document_ids(self, documents: Sequence[str], budget: int) -> list[list[int]]:
+        cut = budget * _CHARS_PER_TOKEN_BOUND
+        texts = [self.template.doc_sep + doc[:cut] for doc in documents]
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [ids[:budget] for ids in encoded]
+
+    def encode(self, instruction: str, query: str, documents: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+        """Prefix ids and, per document, ``document + suffix`` ids (the tail the prefix cache is extended by)."""
+        prefix = self.prefix_ids(instruction, query)
+        suffix = self.suffix_ids(instruction)
+        docs = self.document_ids(documents, self.doc_budget(len(prefix), len(suffix)))
+        return prefix, [d + suffix for d in docs]
+
+
+def encode_pair(tokenizer, template: PromptTemplate, instruction: str, query: str, document: str,
+                max_length: int = 512) -> list[int]:
+    """Token ids of one whole prompt (prefix + truncated document + suffix)."""
+    prefix, tails = PromptEncoder(tokenizer, template, max_length).encode(instruction, query, [document])
+    return prefix + tails[0]
+
+
+class YesNoHead(torch.nn.Module):
+    """An LM head that computes only the "yes" and "no" rows of the output embedding: logits ``[..., 2]``."""
+
+    def __init__(self, weight: torch.Tensor, yes_id: int, no_id: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.yes_id, self.no_id = yes_id, no_id
+        self.weight = torch.nn.Parameter(weight[[yes_id, no_id]].detach().clone(), requires_grad=False)
+        self.bias = None
+        if bias is not None:
+            self.bias = torch.nn.Parameter(bias[[yes_id, no_id]].detach().clone(), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.weight, self.bias)
+
+
+def install_yes_no_head(model: torch.nn.Module, ids: YesNoIds) -> None:
+    """Replace the model's LM head by a two-row :class:`YesNoHead` (the model is then a scorer, not a generator).
+    Safe to call twice with the same ids."""
+    head = model.get_output_embeddings()
+    if isinstance(head, YesNoHead):
+        if (head.yes_id, head.no_id) != (ids.yes, ids.no):
+            raise ValueError(
+                f"a YesNoHead for ids {(head.yes_id, head.no_id)} is installed; cannot switch to {ids}"
+            )
+        return
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding to read yes/no logits from")
+    model.config.tie_word_embeddings = False
+    model.set_output_embeddings(YesNoHead(head.weight, ids.yes, ids.no, getattr(head, "bias", None)))
+
+
+def _margin_from_logits(logits: torch.Tensor, last: torch.Tensor, model, ids: YesNoIds | None) -> torch.Tensor:
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    picked = logits[rows, last]
+    if isinstance(model.get_output_embeddings(), YesNoHead):
+        return (picked[:, 0] - picked[:, 1]).float()
+    return (picked[:, ids.yes] - picked[:, ids.no]).float()
+
+
+def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _peft_kwargs(model, adapter_names: Sequence[str] | None) -> dict:
+    if adapter_names is None:
+        return {}
+    if not hasattr(model, "peft_config"):
+        if any(a != BASE_ADAPTER for a in adapter_names):
+            raise KeyError(f"adapters {sorted(set(adapter_names))} requested but the model has no experts loaded")
+        return {}
+    return {"adapter_names": list(adapter_names)}
+
+
+def yes_no_margins(model, input_ids: Sequence[Sequence[int]], pad_token_id: int, yes_id: int | None = None,
+                   no_id: int | None = None, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+    """``z_yes - z_no`` at the last real token of each prompt (plain path, one batch, differentiable).
+
+    ``yes_id``/``no_id`` are needed unless a :class:`YesNoHead` is installed. Right padding: a causal model's
+    real tokens never see the pads, so each row's logits equal those of the row alone.
+    """
+    if not input_ids:
+        return torch.zeros(0)
+    device = next(model.parameters()).device
+    ids, mask = _right_pad(input_ids, pad_token_id, device)
+    last = mask.sum(dim=1) - 1
+    out = model(input_ids=ids, attention_mask=mask, use_cache=False, **_peft_kwargs(model, adapter_names))
+    yn = None if yes_id is None else YesNoIds(yes_id, no_id)
+    if yn is None and not isinstance(model.get_output_embeddings(), YesNoHead):
+        raise ValueError("yes_id and no_id are required when no YesNoHead is installed")
+    return _margin_from_logits(out.logits, last, model, yn)
+
+
+def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@torch.inference_mode()
+def prefix_cached_margins(model, prefixes: Sequence[Sequence[int]], prefix_adapters: Sequence[str],
+                          rows: Sequence[tuple[int, Sequence[int]]], pad_token_id: int, batch_size: int,
+                          ids: YesNoIds | None = None) -> list[float]:
+    """Margins for ``rows`` = ``[(prefix_index, tail_ids), ...]``; each prefix is encoded once (with its adapter)
+    and its KV cache extended by the tails of its rows. Returns margins in the order of ``rows``."""
+    from transformers import DynamicCache
+
+    if not rows:
+        return []
+    device = next(model.parameters()).device
+    caches = []
+    for pre, adapter in zip(prefixes, prefix_adapters):
+        ids_t = torch.as_tensor([list(pre)], dtype=torch.long, device=device)
+        kw = _peft_kwargs(model, [adapter])
+        out = model(input_ids=ids_t, use_cache=True, logits_to_keep=1, **kw)
+        caches.append(_layer_kv(out.past_key_values))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][1]))
+    margins = [0.0] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        pidx = [rows[i][0] for i in chunk]
+        plens = [len(prefixes[p]) for p in pidx]
+        pmax = max(plens)
+        n = len(chunk)
+        if len(set(pidx)) == 1:
+            kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in caches[pidx[0]]]
+            pmask = torch.ones((n, pmax), dtype=torch.long, device=device)
+        else:  # rows of several queries: left-pad the shorter prefixes, masked out
+            kv = []
+            for layer in range(len(caches[pidx[0]])):
+                k0, v0 = caches[pidx[0]][layer]
+                k = k0.new_zeros((n, k0.shape[1], pmax, k0.shape[3]))
+                v = v0.new_zeros((n, v0.shape[1], pmax, v0.shape[3]))
+                for r, p in enumerate(pidx):
+                    pk, pv = caches[p][layer]
+                    k[r, :, pmax - pk.shape[2] :] = pk[0]
+                    v[r, :, pmax - pv.shape[2] :] = pv[0]
+                kv.append((k, v))
+            pmask = torch.zeros((n, pmax), dtype=torch.long, device=device)
+            for r, plen in enumerate(plens):
+                pmask[r, pmax - plen :] = 1
+        tail_ids, tail_mask = _right_pad([rows[i][1] for i in chunk], pad_token_id, device)
+        width = tail_ids.shape[1]
+        position_ids = torch.as_tensor(plens, device=device)[:, None] + torch.arange(width, device=device)[None]
+        cache = DynamicCache(ddp_cache_data=kv, config=model.config)
+        adapters = [prefix_adapters[p] for p in pidx]
+        out = model(
+            input_ids=tail_ids,
+            attention_mask=torch.cat([pmask, tail_mask], dim=1),
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **_peft_kwargs(model, adapters),
+        )
+        last = tail_mask.sum(dim=1) - 1
+        m = _margin_from_logits(out.logits, last, model, ids)
+        for i, value in zip(chunk, m.tolist()):
+            margins[i] = value
+    return margins
