@@ -12,6 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+# Tiny models run fastest on one thread, and one thread keeps the suite robust when the machine is shared
+# (OpenMP threads spinning against other processes can slow small matmuls a hundredfold).
+torch.set_num_threads(int(os.environ.get("R2R_TEST_THREADS", "1")))
+
 DOMAIN_QUERIES = {
     "legal": [
         "Can the licensee terminate the agreement for convenience?",

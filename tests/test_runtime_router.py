@@ -1,0 +1,61 @@
+"""Device/dtype resolution and the router on its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r2r_core import BASE_ADAPTER, LatentRouter
+from r2r_core.runtime import resolve_device, resolve_dtype
+
+
+def test_device_none_picks_an_available_device():
+    dev = resolve_device(None)
+    assert dev.type in {"cuda", "mps", "cpu"}
+    if not torch.cuda.is_available():
+        assert dev.type in {"cpu", "mps"}
+
+
+def test_explicit_choices_win_and_unknown_strings_raise():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_dtype("float32", torch.device("cpu")) is torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu")) in {torch.float32, torch.bfloat16}
+    with pytest.raises(ValueError, match="`dtype`"):
+        resolve_dtype("float8", torch.device("cpu"))
+    with pytest.raises(ValueError, match="`device`"):
+        resolve_device("toaster")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_router_fit_predict_threshold_and_save_load(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=gen) * 4
+    x = torch.cat([centers[i] + torch.randn(20, 16, generator=gen) for i in range(3)])
+    labels = [lab for lab in ["a", "b", "c"] for _ in range(20)]
+    router = LatentRouter(["a", "b", "c"], threshold=0.5)
+    history = router.fit(x, labels, epochs=200)
+    assert history["loss"][-1] < history["loss"][0]
+    routes = router.route_features(x)
+    assert sum(r.expert == lab for r, lab in zip(routes, labels)) >= 57
+    far = torch.zeros(1, 16)  # equidistant-ish point: low confidence -> base
+    assert router.route_features(far, threshold=0.99)[0].expert == BASE_ADAPTER
+    router.save(tmp_path)
+    again = LatentRouter.load(tmp_path)
+    assert torch.allclose(again.predict_proba(x), router.predict_proba(x))
+    assert again.threshold == 0.5 and again.labels == ["a", "b", "c"]
+
+
+def test_router_validation():
+    with pytest.raises(ValueError, match="labels"):
+        LatentRouter(["a", "a"])
+    with pytest.raises(ValueError, match="threshold"):
+        LatentRouter(["a"], threshold=1.5)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        LatentRouter(["a", "b"]).predict_proba(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="not among"):
+        LatentRouter(["a", "b"]).fit(torch.zeros(2, 4), ["a", "z"])
+    with pytest.raises(FileNotFoundError, match="router.json"):
+        LatentRouter.load("/nonexistent-dir")
