@@ -34,15 +34,11 @@ def register(subparsers) -> argparse.ArgumentParser:
         metavar="DIR",
         help="a BEIR-format dataset folder, or a folder holding several (repeatable)",
     )
-    p.add_argument(
-        "--split", default="test", help="qrels/<split>.tsv and runs/<split>.trec to use (default: test)"
-    )
+    p.add_argument("--split", default="test", help="qrels/<split>.tsv and runs/<split>.trec to use (default: test)")
     p.add_argument("--out", required=True, metavar="results.json", help="where to write the results JSON")
     p.add_argument("--report", metavar="results.md", help="also write markdown tables")
     p.add_argument("--plots", metavar="DIR", help="also write PNG charts (nDCG@10 bars, forgetting, routing)")
-    p.add_argument(
-        "--runs-dir", metavar="DIR", help="where reranked TREC runs go (default: <out without .json>.runs/)"
-    )
+    p.add_argument("--runs-dir", metavar="DIR", help="where reranked TREC runs go (default: <out without .json>.runs/)")
     p.add_argument(
         "--systems",
         nargs="+",
@@ -56,24 +52,18 @@ def register(subparsers) -> argparse.ArgumentParser:
         metavar="PATH_OR_NAME",
         help="R2R bundle (experts + router) for base, r2r-oracle, r2r and forgetting; 'default' = shipped",
     )
-    p.add_argument(
-        "--single-lora-bundle", metavar="PATH", help="bundle with one adapter trained on all domains"
-    )
+    p.add_argument("--single-lora-bundle", metavar="PATH", help="bundle with one adapter trained on all domains")
     p.add_argument(
         "--single-lora-expert",
         metavar="NAME",
         help="expert of --single-lora-bundle to use (default: its only expert)",
     )
-    p.add_argument(
-        "--direct-ft-bundle", metavar="PATH", help="bundle of per-domain experts trained without Stage 1"
-    )
+    p.add_argument("--direct-ft-bundle", metavar="PATH", help="bundle of per-domain experts trained without Stage 1")
     p.add_argument("--base-model", metavar="PATH_OR_ID", help="backbone for `base` when no --bundle is given")
     p.add_argument("--forgetting", action="store_true", help="evaluate each --bundle expert on every dataset")
     p.add_argument("--max-queries", type=int, metavar="N", help="seeded subsample of N queries per dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of the --max-queries subsample (default: 0)")
-    p.add_argument(
-        "--max-candidates", type=int, default=100, help="candidates reranked per query (default: 100)"
-    )
+    p.add_argument("--max-candidates", type=int, default=100, help="candidates reranked per query (default: 100)")
     p.add_argument(
         "--fusion",
         choices=FUSION_METHODS,
@@ -118,9 +108,7 @@ def load_datasets(dirs: list[str | Path], split: str) -> list[BeirDataset]:
         if len(found) > 1:
             without = [r for r in found if split not in available_splits(r)]
             for r in without:
-                logger.warning(
-                    "%s: no qrels/%s.tsv (splits: %s), skipped", r, split, available_splits(r) or "none"
-                )
+                logger.warning("%s: no qrels/%s.tsv (splits: %s), skipped", r, split, available_splits(r) or "none")
             found = [r for r in found if r not in without]
             if not found:
                 raise FileNotFoundError(f"{d}: no dataset below it has a {split!r} split")
@@ -152,9 +140,7 @@ def _load_reranker(cache: dict, name_or_path: str, args) -> object:
     return cache[name_or_path]
 
 
-def build_systems(
-    names: list[str], forgetting: bool, args
-) -> tuple[list, list[RerankerSystem], dict[str, str]]:
+def build_systems(names: list[str], forgetting: bool, args) -> tuple[list, list[RerankerSystem], dict[str, str]]:
     """``(systems, forgetting systems, skipped {name: reason})``; each bundle is loaded once."""
     cache: dict = {}
     systems: list = []
@@ -169,9 +155,7 @@ def build_systems(
             if source is None:
                 skipped[name] = "needs --bundle or --base-model"
                 continue
-            systems.append(
-                RerankerSystem(name, _load_reranker(cache, source, args), "fixed", "__base__", source)
-            )
+            systems.append(RerankerSystem(name, _load_reranker(cache, source, args), "fixed", "__base__", source))
         elif name == "single-lora":
             if not args.single_lora_bundle:
                 skipped[name] = "no --single-lora-bundle given"
@@ -215,8 +199,7 @@ def build_systems(
         else:
             reranker = _load_reranker(cache, args.bundle, args)
             forgetting_systems = [
-                RerankerSystem(f"expert:{e}", reranker, "fixed", e, args.bundle)
-                for e in sorted(reranker.experts)
+                RerankerSystem(f"expert:{e}", reranker, "fixed", e, args.bundle) for e in sorted(reranker.experts)
             ]
     for name, reason in skipped.items():
         logger.warning("skipping %s: %s", name, reason)

@@ -62,9 +62,7 @@ class EvalConfig:
         if self.rrf_k <= 0:
             raise ValueError(f"`rrf_k` must be > 0, got {self.rrf_k}")
         if self.forgetting_metric not in MEASURES:
-            raise ValueError(
-                f"`forgetting_metric` must be one of {list(MEASURES)}, got {self.forgetting_metric!r}"
-            )
+            raise ValueError(f"`forgetting_metric` must be one of {list(MEASURES)}, got {self.forgetting_metric!r}")
         if self.runs_dir is not None:
             self.runs_dir = Path(self.runs_dir)
 
@@ -98,9 +96,7 @@ def select_queries(dataset: BeirDataset, max_queries: int | None = None, seed: i
 def _check_scores(scores, n: int, system: str, dataset: str, qid: str) -> list[float]:
     scores = [float(s) for s in scores]
     if len(scores) != n:
-        raise ValueError(
-            f"{system} returned {len(scores)} scores for {n} candidates (query {qid!r} of {dataset})"
-        )
+        raise ValueError(f"{system} returned {len(scores)} scores for {n} candidates (query {qid!r} of {dataset})")
     if not all(math.isfinite(s) for s in scores):
         raise ValueError(f"{system} returned a non-finite score (query {qid!r} of {dataset}): {scores}")
     return scores
@@ -128,9 +124,7 @@ def run_system(
     if check is not None:
         check(dataset, query_ids)
     out = SystemRun(system=system.name, dataset=dataset.name)
-    for qid in tqdm(
-        query_ids, desc=f"{system.name} | {dataset.name}", unit="q", disable=not progress, leave=False
-    ):
+    for qid in tqdm(query_ids, desc=f"{system.name} | {dataset.name}", unit="q", disable=not progress, leave=False):
         query = dataset.queries[qid]
         candidates = dataset.run.get(qid, [])[:max_candidates]
         docs = [dataset.corpus[doc_id] for doc_id, _ in candidates]
@@ -233,9 +227,7 @@ def _summarise(
     seconds = [s for run in runs for s in run.seconds.values()]
     n_docs = [run.n_docs[q] for run in runs for q in run.seconds]
     summary["latency"] = latency_stats(seconds, n_docs)
-    routed = [
-        (gold[run.dataset][q], e) for run in runs for q, e in run.experts.items() if gold[run.dataset][q]
-    ]
+    routed = [(gold[run.dataset][q], e) for run in runs for q, e in run.experts.items() if gold[run.dataset][q]]
     if routed and any("routing" in v for v in per_dataset.values()):
         summary["routing"] = routing_metrics([g for g, _ in routed], [p for _, p in routed])
     return summary
@@ -270,9 +262,7 @@ def evaluate(
     all_systems = [*systems, *forgetting_systems]
     selected = {d.name: select_queries(d, config.max_queries, config.seed) for d in datasets}
     _warm_up(all_systems, datasets, selected, config)
-    fusion_names = [
-        f"{s.name}+fusion" for s in systems if config.fusion and not isinstance(s, FirstStageSystem)
-    ]
+    fusion_names = [f"{s.name}+fusion" for s in systems if config.fusion and not isinstance(s, FirstStageSystem)]
 
     per_system: dict[str, dict[str, dict]] = defaultdict(dict)
     runs_of: dict[str, list[SystemRun]] = defaultdict(list)
@@ -299,9 +289,7 @@ def evaluate(
                     reused.n_docs,
                 )
             else:
-                run = run_system(
-                    system, dataset, qids, max_candidates=config.max_candidates, progress=config.progress
-                )
+                run = run_system(system, dataset, qids, max_candidates=config.max_candidates, progress=config.progress)
             done[system.name] = run
             runs = [run]
             if config.fusion and system in systems and not isinstance(system, FirstStageSystem):
@@ -325,9 +313,7 @@ def evaluate(
                 "domain": d.domain,
                 "queries": len(d.queries),
                 "evaluated_queries": len(selected[d.name]),
-                "avg_candidates": _avg(
-                    min(len(d.run.get(q, [])), config.max_candidates) for q in selected[d.name]
-                ),
+                "avg_candidates": _avg(min(len(d.run.get(q, [])), config.max_candidates) for q in selected[d.name]),
             }
             for d in datasets
         },
@@ -351,12 +337,10 @@ def evaluate(
                 for s in forgetting_systems
             },
             "metrics": {
-                s.expert: {ds: per_system[s.name][ds]["metrics"] for ds in dataset_names}
-                for s in forgetting_systems
+                s.expert: {ds: per_system[s.name][ds]["metrics"] for ds in dataset_names} for s in forgetting_systems
             },
             "runs": {
-                s.expert: {ds: per_system[s.name][ds].get("run") for ds in dataset_names}
-                for s in forgetting_systems
+                s.expert: {ds: per_system[s.name][ds].get("run") for ds in dataset_names} for s in forgetting_systems
             },
         }
     return results
@@ -387,14 +371,9 @@ def _score_run(
             entry["routing"] = routing_metrics([g for g, _ in pairs], [p for _, p in pairs])
             entry["routing"]["experts_used"] = dict(sorted(_count(run.experts[q] for q in qids).items()))
     if config.runs_dir is not None:
-        path = (
-            config.runs_dir
-            / f"{safe_name(dataset.name)}.{safe_name(dataset.split)}.{safe_name(run.system)}.trec"
-        )
+        path = config.runs_dir / f"{safe_name(dataset.name)}.{safe_name(dataset.split)}.{safe_name(run.system)}.trec"
         entry["run"] = str(write_trec_run(path, {q: run.rankings[q] for q in qids}, tag=run.system))
-    logger.info(
-        "%s on %s: nDCG@10 %.4f over %d queries", run.system, dataset.name, metrics["nDCG@10"], len(qids)
-    )
+    logger.info("%s on %s: nDCG@10 %.4f over %d queries", run.system, dataset.name, metrics["nDCG@10"], len(qids))
     return entry
 
 

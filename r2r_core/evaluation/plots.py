@@ -120,8 +120,7 @@ def plot_confusion(results: dict, path: Path | str, system: str = "r2r") -> Path
         matrix,
         rows,
         cols,
-        f"Router confusion ({system}): accuracy {routing['accuracy']:.3f}, "
-        f"macro-F1 {routing['macro_f1']:.3f}",
+        f"Router confusion ({system}): accuracy {routing['accuracy']:.3f}, macro-F1 {routing['macro_f1']:.3f}",
         ".0f",
         "routed expert",
         "gold domain",

@@ -36,8 +36,7 @@ def markdown_table(
     ]
     for row in rows:
         cells = [
-            f"**{_cell(v)}**" if isinstance(v, float) and best.get(i) == v else _cell(v)
-            for i, v in enumerate(row)
+            f"**{_cell(v)}**" if isinstance(v, float) and best.get(i) == v else _cell(v) for i, v in enumerate(row)
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -101,10 +100,7 @@ def format_report(results: dict, *, title: str = "r2r eval results") -> str:
     domains = sorted({d for v in systems.values() for d in v.get("domains", {})})
     if len(domains) > 1:
         out += ["", "## nDCG@10 per domain (mean over the domain's datasets)", ""]
-        rows = [
-            [s, *[v.get("domains", {}).get(d, {}).get("nDCG@10") for d in domains]]
-            for s, v in systems.items()
-        ]
+        rows = [[s, *[v.get("domains", {}).get(d, {}).get("nDCG@10") for d in domains]] for s, v in systems.items()]
         out.append(markdown_table(["system", *domains], rows, bold_best=True))
 
     for name in names:

