@@ -1,0 +1,219 @@
+"""LlamaIndex node postprocessor that reranks retrieved nodes with an R2R engine.
+
+The adapter is thin on purpose: it turns ``NodeWithScore`` objects into strings, hands them to
+:class:`r2r_core.R2RReranker` and turns the results back into *new* ``NodeWithScore`` objects.
+Routing, expert choice and scoring all live in the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
+from llama_index.core.callbacks import CBEventType, EventPayload
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+
+from r2r_core import BASE_ADAPTER, R2RReranker, RerankResult, Route
+
+logger = logging.getLogger(__name__)
+dispatcher = get_dispatcher(__name__)
+
+#: Metadata keys written on the returned nodes. They are excluded from the LLM and embedding text.
+EXPERT_KEY = "r2r_expert"
+ROUTER_PROBABILITIES_KEY = "r2r_router_probabilities"
+RETRIEVAL_SCORE_KEY = "retrieval_score"
+
+_LOAD_FIELDS = ("model", "device", "dtype", "batch_size", "max_length")
+
+
+class R2RRerank(BaseNodePostprocessor):
+    """Rerank nodes with a domain-routed R2R reranker.
+
+    The query is routed to a domain expert (a LoRA adapter on the shared backbone) unless
+    ``expert`` fixes one; every node is scored by that expert and the ``top_n`` best come back as
+    new ``NodeWithScore`` objects. The caller's nodes are never modified. Each returned node is a
+    copy carrying ``metadata["r2r_expert"]`` and ``metadata["r2r_router_probabilities"]`` (and
+    ``metadata["retrieval_score"]`` when ``keep_retrieval_score``), all hidden from the LLM and the
+    embedding text.
+
+    Example:
+        >>> from r2r_llamaindex import R2RRerank
+        >>> engine = index.as_query_engine(similarity_top_k=10, node_postprocessors=[R2RRerank(top_n=3)])
+        >>> engine.query("What are the side effects of metformin?")
+
+    Pass ``reranker=`` to share one loaded engine between several postprocessors (or with the
+    LangChain adapter); the model is then loaded once.
+    """
+
+    top_n: int | None = Field(
+        default=3, description="Number of nodes to return, best first; None keeps all (reordered)."
+    )
+    model: str = Field(
+        default="default",
+        description='"default" (the bundled reranker), a bundle directory or a causal LM id/path.',
+    )
+    device: str | None = Field(default=None, description="cuda / mps / cpu; None picks the best one.")
+    dtype: str = Field(default="auto", description='"auto", "float32", "bfloat16" or "float16".')
+    batch_size: int = Field(default=16, description="Query-document pairs per forward pass.")
+    max_length: int = Field(default=512, description="Prompt length in tokens; only documents are cut.")
+    keep_retrieval_score: bool = Field(
+        default=False, description='Keep the retriever\'s score in metadata["retrieval_score"].'
+    )
+    metadata_mode: MetadataMode = Field(
+        default=MetadataMode.EMBED, description="Which node metadata goes into the text that is scored."
+    )
+    expert: str | None = Field(
+        default=None, description='Always use this expert ("__base__" = no adapter); None routes per query.'
+    )
+    reranker: R2RReranker | None = Field(
+        default=None, exclude=True, description="An already loaded R2RReranker to share."
+    )
+
+    _engine: R2RReranker = PrivateAttr()
+
+    @field_validator("top_n")
+    @classmethod
+    def _check_top_n(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"`top_n` must be >= 1 or None, got {value}")
+        return value
+
+    @field_validator("batch_size", "max_length")
+    @classmethod
+    def _check_positive(cls, value: int, info: Any) -> int:
+        if value < 1:
+            raise ValueError(f"`{info.field_name}` must be >= 1, got {value}")
+        return value
+
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        if self.reranker is not None:
+            clashing = sorted(set(_LOAD_FIELDS) & self.model_fields_set)
+            if clashing:
+                raise ValueError(
+                    f"pass either `reranker` (an already loaded engine) or loading options, not both; "
+                    f"got reranker and {', '.join(clashing)}"
+                )
+            self._engine = self.reranker
+        else:
+            self._engine = R2RReranker.from_pretrained(
+                self.model,
+                device=self.device,
+                dtype=self.dtype,
+                batch_size=self.batch_size,
+                max_length=self.max_length,
+            )
+        if self.expert is not None and self.expert != BASE_ADAPTER and self.expert not in self._engine.experts:
+            raise KeyError(
+                f"`expert` {self.expert!r} is not in the reranker; available: {[BASE_ADAPTER, *self._engine.experts]}"
+            )
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "R2RRerank"
+
+    @property
+    def engine(self) -> R2RReranker:
+        """The loaded :class:`r2r_core.R2RReranker` (pass it as ``reranker=`` to share it)."""
+        return self._engine
+
+    # -- the two entry points -------------------------------------------------------------------
+
+    def _postprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        query = self._query_of(query_bundle)
+        dispatcher.event(self._start_event(nodes, query_bundle))
+        with self.callback_manager.event(CBEventType.RERANKING, payload=self._callback_payload(nodes, query)) as event:
+            route, results = self._rerank(query, nodes) if nodes else (None, [])
+            reranked = self._to_nodes(nodes, route, results)
+            event.on_end(payload={EventPayload.NODES: reranked})
+        dispatcher.event(ReRankEndEvent(nodes=reranked))
+        return reranked
+
+    async def _apostprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        query = self._query_of(query_bundle)
+        dispatcher.event(self._start_event(nodes, query_bundle))
+        with self.callback_manager.event(CBEventType.RERANKING, payload=self._callback_payload(nodes, query)) as event:
+            # The forward passes run in a worker thread so the event loop keeps serving other
+            # queries; the expert is passed per call, so concurrent queries never share state.
+            route, results = (None, [])
+            if nodes:
+                route, results = await asyncio.to_thread(self._rerank, query, nodes)
+            reranked = self._to_nodes(nodes, route, results)
+            event.on_end(payload={EventPayload.NODES: reranked})
+        dispatcher.event(ReRankEndEvent(nodes=reranked))
+        return reranked
+
+    # -- translation to and from the core --------------------------------------------------------
+
+    @staticmethod
+    def _query_of(query_bundle: QueryBundle | None) -> str:
+        if query_bundle is None or not query_bundle.query_str.strip():
+            raise ValueError(
+                "R2RRerank needs a non-empty query: call postprocess_nodes(nodes, query_str=...) "
+                f"or pass query_bundle=QueryBundle(...); got {query_bundle!r}"
+            )
+        return query_bundle.query_str
+
+    def _rerank(self, query: str, nodes: list[NodeWithScore]) -> tuple[Route | None, list[RerankResult]]:
+        texts = [n.node.get_content(metadata_mode=self.metadata_mode) for n in nodes]
+        route = None
+        expert = self.expert
+        if expert is None:
+            route = self._engine.route(query)
+            expert = route.expert
+        results = self._engine.rerank(query, texts, top_n=self.top_n, expert=expert)
+        logger.debug("reranked %d nodes with expert %r for %r", len(nodes), expert, query[:80])
+        return route, results
+
+    def _to_nodes(
+        self, nodes: list[NodeWithScore], route: Route | None, results: list[RerankResult]
+    ) -> list[NodeWithScore]:
+        new_keys = [EXPERT_KEY, ROUTER_PROBABILITIES_KEY]
+        if self.keep_retrieval_score:
+            new_keys.append(RETRIEVAL_SCORE_KEY)
+        out = []
+        for result in results:
+            original = nodes[result.index]
+            metadata = dict(original.node.metadata)
+            metadata[EXPERT_KEY] = result.expert
+            metadata[ROUTER_PROBABILITIES_KEY] = dict(route.probabilities) if route is not None else {}
+            if self.keep_retrieval_score:
+                metadata[RETRIEVAL_SCORE_KEY] = original.score
+            node = original.node.model_copy(
+                update={
+                    "metadata": metadata,
+                    "excluded_llm_metadata_keys": _merged(original.node.excluded_llm_metadata_keys, new_keys),
+                    "excluded_embed_metadata_keys": _merged(original.node.excluded_embed_metadata_keys, new_keys),
+                }
+            )
+            out.append(NodeWithScore(node=node, score=result.score))
+        return out
+
+    def _model_name(self) -> str:
+        return str(getattr(self._engine.backbone, "model_id", self.model))
+
+    def _start_event(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None) -> ReRankStartEvent:
+        return ReRankStartEvent(
+            query=query_bundle, nodes=nodes, top_n=self.top_n or len(nodes), model_name=self._model_name()
+        )
+
+    def _callback_payload(self, nodes: list[NodeWithScore], query: str) -> dict[str, Any]:
+        return {
+            EventPayload.NODES: nodes,
+            EventPayload.MODEL_NAME: self._model_name(),
+            EventPayload.QUERY_STR: query,
+            EventPayload.TOP_K: self.top_n or len(nodes),
+        }
+
+
+def _merged(existing: list[str], extra: list[str]) -> list[str]:
+    return [*existing, *(k for k in extra if k not in existing)]
