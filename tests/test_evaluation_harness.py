@@ -238,4 +238,22 @@ def test_eval_bad_folders(tmp_path, caplog):
     caplog.clear()
     assert cli(["--data", str(bad), "--split", "test", "--out", out, "--systems", "first-stage"]) == 2
     assert "no qrels for split 'test'" in caplog.text
+    caplog.clear()
+    assert cli(["--data", str(bad), "--split", "dev", "--out", out, "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in caplog.text
     assert not Path(out).exists()
+
+
+def test_minilm_document_cache_gives_the_same_scores(data_root):
+    from r2r_core.evaluation import MiniLMSystem
+
+    ds = load_beir(data_root / "medical" / "medset", "dev")
+    system = MiniLMSystem()
+    system.prepare(ds, ["mq1"], max_candidates=100, progress=False)
+    assert len(system._cache) == 4
+    query, docs = ds.queries["mq2"], ds.candidates("mq2")
+    cached = system.rerank(query, docs)  # m2 is not indexed yet: encoded on the fly
+    assert len(system._cache) == 5
+    system.cache_documents = False
+    assert system.rerank(query, docs) == pytest.approx(cached, abs=1e-5)
+    assert max(range(len(docs)), key=cached.__getitem__) == [d.id for d in docs].index("m2")

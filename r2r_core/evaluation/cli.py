@@ -75,6 +75,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--batch-size", type=int, default=16, help="reranker batch size (default: 16)")
     p.add_argument("--max-length", type=int, default=512, help="reranker max prompt tokens (default: 512)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice); 1 gives steadier latency on a busy machine",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_eval)
     return p
@@ -224,11 +230,18 @@ def run_eval(args) -> int:
             runs_dir=runs_dir,
             progress=not args.no_progress,
         )
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         datasets = load_datasets(args.data, args.split)
         systems, forgetting_systems, skipped = build_systems(names, forgetting, args)
         if not systems and not forgetting_systems:
             raise ValueError(f"no system can run: {skipped}")
         results = evaluate(systems, datasets, config, forgetting_systems=forgetting_systems)
+        results["config"]["threads"] = args.threads
     except (FileNotFoundError, DataFormatError, KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         logger.debug("r2r eval failed", exc_info=True)

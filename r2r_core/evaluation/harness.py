@@ -19,7 +19,7 @@ from pathlib import Path
 from ..data import BeirDataset
 from .fusion import FUSION_METHODS, fuse
 from .metrics import MEASURES, latency_stats, mean_metrics, ranking_metrics, routing_metrics
-from .systems import FirstStageSystem, RerankerSystem, RoutedSystem, System
+from .systems import FirstStageSystem, MiniLMSystem, RerankerSystem, RoutedSystem, System
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +120,9 @@ def run_system(
     from tqdm.auto import tqdm
 
     routed = isinstance(system, RoutedSystem)
-    check = getattr(system, "check_dataset", None)
-    if check is not None:
-        check(dataset, query_ids)
+    prepare = getattr(system, "prepare", None)
+    if prepare is not None:  # untimed: validation, or a bi-encoder's document index
+        prepare(dataset, query_ids, max_candidates=max_candidates, progress=progress)
     out = SystemRun(system=system.name, dataset=dataset.name)
     for qid in tqdm(query_ids, desc=f"{system.name} | {dataset.name}", unit="q", disable=not progress, leave=False):
         query = dataset.queries[qid]
@@ -183,6 +183,8 @@ def _describe(system: System) -> dict:
         return {"policy": system.policy, "expert": system.expert, "bundle": system.source}
     if isinstance(system, FirstStageSystem):
         return {"policy": "first-stage"}
+    if isinstance(system, MiniLMSystem):
+        return {"policy": "bi-encoder", "documents_precomputed": system.cache_documents}
     return {"policy": type(system).__name__}
 
 
@@ -261,6 +263,10 @@ def evaluate(
 
     all_systems = [*systems, *forgetting_systems]
     selected = {d.name: select_queries(d, config.max_queries, config.seed) for d in datasets}
+    for system in all_systems:  # configuration errors (e.g. oracle domain without expert) before any work
+        if isinstance(system, RerankerSystem):
+            for dataset in datasets:
+                system.check_dataset(dataset, selected[dataset.name])
     _warm_up(all_systems, datasets, selected, config)
     fusion_names = [f"{s.name}+fusion" for s in systems if config.fusion and not isinstance(s, FirstStageSystem)]
 

@@ -143,6 +143,13 @@ def format_report(results: dict, *, title: str = "r2r eval results") -> str:
         if not s.endswith("+fusion")
     ]
     out.append(markdown_table(["system", "p50 ms", "p95 ms", "docs/s"], rows))
+    precomputed = [s for s, v in systems.items() if v.get("info", {}).get("documents_precomputed")]
+    if precomputed:
+        out += [
+            "",
+            "Bi-encoder rows (" + ", ".join(f"`{s}`" for s in precomputed) + ") embed the documents "
+            "ahead of time, untimed, as a deployed index would: their latency is the query encoding.",
+        ]
 
     forgetting = results.get("forgetting")
     if forgetting:

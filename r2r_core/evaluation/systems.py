@@ -2,7 +2,9 @@
 
 A system is anything with a ``name`` and ``rerank(query, candidates) -> list[float]`` (one score
 per candidate, higher is better, input order). Systems that pick a LoRA expert per query also
-implement :class:`RoutedSystem` so the harness can record and score the routing decision.
+implement :class:`RoutedSystem` so the harness can record and score the routing decision. An
+optional ``prepare(dataset, query_ids, *, max_candidates, progress)`` runs untimed before a
+dataset (input checks, a bi-encoder's document index).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
 
 from ..data import BeirDataset, Doc, Query
 
@@ -73,11 +77,23 @@ def minilm_model_path() -> Path:
 
 
 class MiniLMSystem:
-    """Bi-encoder baseline: cosine between MiniLM embeddings of the query and each candidate."""
+    """Bi-encoder baseline: cosine between MiniLM embeddings of the query and each candidate.
+
+    As a bi-encoder is deployed, document embeddings are computed ahead of time (``prepare``, not
+    timed) and cached by text, so the per-query latency is the query encoding plus dot products.
+    With ``cache_documents=False`` every call encodes its candidates too.
+    """
 
     name = "minilm"
 
-    def __init__(self, model_path: str | Path | None = None, *, device: str | None = None, batch_size: int = 32):
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        device: str | None = None,
+        batch_size: int = 32,
+        cache_documents: bool = True,
+    ):
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
         try:
@@ -93,19 +109,58 @@ class MiniLMSystem:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.model = SentenceTransformer(str(path), device=device, local_files_only=True)
         self.batch_size = batch_size
+        self.cache_documents = cache_documents
+        self._cache: dict[str, np.ndarray] = {}  # document text -> normalised embedding
         logger.info("minilm: loaded %s on %s", path, self.model.device)
 
-    def rerank(self, query: Query, candidates: Sequence[Doc]) -> list[float]:
-        if not candidates:
-            return []
-        embeddings = self.model.encode(
-            [query.text] + [doc.full_text for doc in candidates],
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(
+            texts,
             batch_size=self.batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
         )
-        return [float(x) for x in embeddings[1:] @ embeddings[0]]
+
+    def prepare(
+        self, dataset: BeirDataset, query_ids: Sequence[str], *, max_candidates: int = 100, progress: bool = True
+    ) -> None:
+        """Embed every candidate document of ``query_ids`` once (the bi-encoder's index time)."""
+        if not self.cache_documents:
+            return
+        from tqdm.auto import tqdm
+
+        texts = {
+            dataset.corpus[doc_id].full_text
+            for qid in query_ids
+            for doc_id, _ in dataset.run.get(qid, [])[:max_candidates]
+        }
+        todo = sorted(t for t in texts if t not in self._cache)
+        if not todo:
+            return
+        chunk = self.batch_size * 8
+        with tqdm(
+            total=len(todo), desc=f"minilm index | {dataset.name}", unit="doc", disable=not progress, leave=False
+        ) as bar:
+            for start in range(0, len(todo), chunk):
+                part = todo[start : start + chunk]
+                for text, emb in zip(part, self._encode(part), strict=True):
+                    self._cache[text] = emb
+                bar.update(len(part))
+
+    def rerank(self, query: Query, candidates: Sequence[Doc]) -> list[float]:
+        if not candidates:
+            return []
+        texts = [doc.full_text for doc in candidates]
+        if not self.cache_documents:
+            embeddings = self._encode([query.text, *texts])
+            return [float(x) for x in embeddings[1:] @ embeddings[0]]
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        encoded = self._encode([query.text, *missing])
+        for text, emb in zip(missing, encoded[1:], strict=True):
+            self._cache[text] = emb
+        docs = np.stack([self._cache[t] for t in texts])
+        return [float(x) for x in docs @ encoded[0]]
 
 
 Policy = Literal["fixed", "oracle", "router"]
@@ -147,6 +202,9 @@ class RerankerSystem:
 
     def __repr__(self) -> str:
         return f"RerankerSystem(name={self.name!r}, policy={self.policy!r}, expert={self.expert!r})"
+
+    def prepare(self, dataset: BeirDataset, query_ids: Sequence[str], **_: object) -> None:
+        self.check_dataset(dataset, query_ids)
 
     def check_dataset(self, dataset: BeirDataset, query_ids: Sequence[str]) -> None:
         """Fail before any scoring when oracle routing cannot map a query's domain to an expert."""
