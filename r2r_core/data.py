@@ -86,9 +86,7 @@ class Query:
         if not self.id:
             raise ValueError("`Query.id` must be a non-empty str, got ''")
         if self.domain is not None and not isinstance(self.domain, str):
-            raise TypeError(
-                f"`Query.domain` must be a str or None, got {type(self.domain).__name__}: {self.domain!r}"
-            )
+            raise TypeError(f"`Query.domain` must be a str or None, got {type(self.domain).__name__}: {self.domain!r}")
         if not isinstance(self.metadata, dict):
             raise TypeError(f"`Query.metadata` must be a dict, got {type(self.metadata).__name__}")
 
@@ -204,9 +202,7 @@ def read_queries(path: Path | str) -> dict[str, Query]:
         text = _get_str(path, number, record, "text", required=True)
         metadata = record.get("metadata") or {}
         if not isinstance(metadata, dict):
-            raise DataFormatError(
-                path, number, f'"metadata" must be an object, got {type(metadata).__name__}'
-            )
+            raise DataFormatError(path, number, f'"metadata" must be an object, got {type(metadata).__name__}')
         domain = metadata.get("domain", record.get("domain"))
         if domain is not None and not isinstance(domain, str):
             raise DataFormatError(path, number, f'"domain" must be a string, got {domain!r}')
@@ -244,14 +240,10 @@ def read_qrels(path: Path | str) -> dict[str, dict[str, int]]:
             if not qrels and not header_seen:
                 header_seen = True  # header line, e.g. "query-id<TAB>corpus-id<TAB>score"
                 continue
-            raise DataFormatError(
-                path, number, f"relevance grade must be an integer, got {grade_str!r}"
-            ) from None
+            raise DataFormatError(path, number, f"relevance grade must be an integer, got {grade_str!r}") from None
         judged = qrels.setdefault(qid, {})
         if doc_id in judged:
-            raise DataFormatError(
-                path, number, f"duplicate judgment for query {qid!r} and document {doc_id!r}"
-            )
+            raise DataFormatError(path, number, f"duplicate judgment for query {qid!r} and document {doc_id!r}")
         judged[doc_id] = grade
     if not qrels:
         raise DataFormatError(path, None, "no judgments (the file is empty or only has a header)")
@@ -361,9 +353,7 @@ def load_beir(root: Path | str, split: str, *, require_run: bool = True) -> Beir
                 split,
                 missing[0],
             )
-    dataset = BeirDataset(
-        root=root, name=root.name, split=split, corpus=corpus, queries=queries, qrels=qrels, run=run
-    )
+    dataset = BeirDataset(root=root, name=root.name, split=split, corpus=corpus, queries=queries, qrels=qrels, run=run)
     logger.info("loaded %r", dataset)
     return dataset
 

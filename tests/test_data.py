@@ -43,9 +43,7 @@ RUN = (
 )
 
 
-def write_beir(
-    root: Path, *, corpus=CORPUS, queries=QUERIES, qrels=TEST_QRELS, run=RUN, split="test"
-) -> Path:
+def write_beir(root: Path, *, corpus=CORPUS, queries=QUERIES, qrels=TEST_QRELS, run=RUN, split="test") -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus), encoding="utf-8")
     (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries), encoding="utf-8")
