@@ -1,0 +1,99 @@
+"""Measurement helpers shared by the benchmarks: RSS sampling, timing, the machine's matmul peak, a FLOP model
+of a Llama-style decoder and a rank correlation. Run the benchmarks as scripts, e.g. ``python benchmarks/speed.py``."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["FlopModel", "PeakRss", "matmul_peak", "rss_mb", "spearman", "timed"]
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class PeakRss:
+    """Samples this process's RSS every few milliseconds while the block runs (torch releases the GIL)."""
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_mb())
+
+    def __enter__(self) -> PeakRss:
+        self.start = self.peak = rss_mb()
+        self._stop, self._thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
+def timed(fn) -> tuple[float, object]:
+    gc.collect()
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def matmul_peak(dtype: torch.dtype, n: int, reps: int) -> dict:
+    """GFLOP/s of an ``n x n`` torch.matmul: the best of ``reps`` (the machine's peak) and the median."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    rates = []
+    for _ in range(reps):
+        t, _ = timed(lambda: a @ b)
+        rates.append(2 * n**3 / t / 1e9)
+    return {"n": n, "gflops_peak": max(rates), "gflops_median": statistics.median(rates)}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation, ties given their average rank."""
+    def rank(x):
+        t = torch.tensor(x, dtype=torch.float64)
+        _, inv = torch.unique(t, return_inverse=True)
+        r = t.argsort().argsort().double()
+        r = torch.zeros(int(inv.max()) + 1, dtype=torch.float64).index_add_(0, inv, r) / torch.bincount(inv)
+        return r[inv] - r[inv].mean()
+
+    ra, rb = rank(a), rank(b)
+    norm = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / norm if norm else 1.0
+
+
+@dataclass
+class FlopModel:
+    """FLOPs of a Llama-style decoder: ``2 N`` per token plus ``4 L d_attn`` per attended (token, key) pair."""
+
+    non_embedding_params: int
+    layers: int
+    d_attn: int
+    vocab_x_hidden: int
+
+    @classmethod
+    def from_model(cls, model) -> FlopModel:
+        cfg = model.config
+        n = sum(p.numel() for name, p in model.named_parameters()
+                if "embed_tokens" not in name and "lm_head" not in name and "lora_" not in name)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(n, cfg.num_hidden_layers, cfg.num_attention_heads * head_dim, cfg.vocab_size * cfg.hidden_size)
+
+    def useful(self, prefix_len: int, tail_lens: list[int]) -> float:
+        tokens = prefix_len + sum(tail_lens)
+        pairs = prefix_len * (prefix_len + 1) / 2 + sum(t * prefix_len + t * (t + 1) / 2 for t in tail_lens)
+        return 2 * self.non_embedding_params * tokens + 4 * self.layers * self.d_attn * pairs
+
+    def executed_reference(self, rows: int, width: int) -> float:
+        """A padded batch with the full LM head at every position (the reference's work)."""
+        per_token = 2 * (self.non_embedding_params + self.vocab_x_hidden)
+        return rows * width * per_token + 4 * self.layers * self.d_attn * rows * width * (width + 1) / 2
