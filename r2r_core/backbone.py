@@ -210,15 +210,15 @@ def load_backbone(
     try:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            checkpoint, dtype=torch.float32, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+            checkpoint, dtype=dt, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
         )
     except OSError as exc:
         raise OSError(
             f"Could not load the backbone {model_id_or_path!r}: {exc}. Offline, use a local directory or the "
             f"built-in default {DEFAULT_BASE!r}."
         ) from exc
-    fingerprint = fingerprint_model(model)  # before any dtype change, so it identifies the checkpoint
-    model.to(device=dev, dtype=dt)
+    fingerprint = fingerprint_model(model)  # dtype-robust: a bf16 load matches the fp32 checkpoint's record
+    model.to(device=dev)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
