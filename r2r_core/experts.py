@@ -92,10 +92,11 @@ class ExpertSet:
         try:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False,
-                                        autocast_adapter_dtype=False)
+                                        autocast_adapter_dtype=False, low_cpu_mem_usage=True)
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name,
-                                                       is_trainable=False, autocast_adapter_dtype=False)
+                                                       is_trainable=False, autocast_adapter_dtype=False,
+                                                       low_cpu_mem_usage=True)
         except (ValueError, RuntimeError, KeyError) as exc:
             raise ValueError(f"could not load the expert {name!r} from {adapter_dir}: {exc}") from exc
         for pname, param in self.model.named_parameters():

@@ -136,7 +136,10 @@ class YesNoHead(torch.nn.Module):
             self.bias = torch.nn.Parameter(bias[[yes_id, no_id]].detach().clone(), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.weight, self.bias)
+        # In fp32 even for a bf16 backbone: z_yes and z_no are large (~30 for SmolLM2) while their difference is
+        # small, and a bf16 logit is only good to 0.125 there. Two rows cost nothing to compute in fp32.
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(hidden.float(), self.weight.float(), bias)
 
 
 def install_yes_no_head(model: torch.nn.Module, ids: YesNoIds) -> None:
