@@ -44,7 +44,8 @@ def _multi_positive_dataset(tmp_path):
                                                       "metadata": {"domain": "legal"}}) + "\n")
     (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq\tp1\t1\nq\tp2\t2\nq\tp3\t1\nq\tn0\t0\n")
     ranked = ["dup", "p2", "n0", "n1", "p1", "n2", "n3", "p3", "n4", "n5", "n6", "n7"]
-    (folder / "runs" / "train.trec").write_text("".join(f"q Q0 {d} {r} {30 - r} bm25\n" for r, d in enumerate(ranked, 1)))
+    run = "".join(f"q Q0 {d} {r} {30 - r} bm25\n" for r, d in enumerate(ranked, 1))
+    (folder / "runs" / "train.trec").write_text(run)
     return load_beir(folder, "train")
 
 

@@ -1,0 +1,434 @@
+"""Contrastive LoRA training of one adapter, resumable and selected on dev data.
+
+One call of :func:`train_adapter` trains one LoRA adapter on a list of :class:`TrainGroup` with the
+group-wise InfoNCE loss (paper Eq. 5) on ``(z_yes - z_no) / tau``; the margins come from
+:func:`r2r_core.training.group_forward.group_margins` (the group's shared prefix is run once; equal to
+:func:`r2r_core.scoring.yes_no_margins` on the whole prompts, which ``shared_prefix=False`` uses).
+EAG's two stages are two kinds of call (see :mod:`r2r_core.training.pipeline`): Stage 1 on abstracted
+groups pooled over domains; Stage 2 per domain on the original groups, starting from Stage 1's weights
+(``init_adapter``).
+
+Defaults follow the paper: LoRA r=32, alpha=64, dropout 0.05 on q/k/v/o; AdamW lr 1e-4 with linear
+warmup and linear decay, gradient clipping, gradient accumulation, bf16 autocast where the hardware runs
+it fast, one seed for everything.
+
+**Resuming.** ``run_dir`` holds ``checkpoint.pt`` (trainable weights, optimizer, scheduler, RNG states,
+step, best score), ``best.safetensors`` (the best adapter so far), ``metrics.jsonl`` and, once finished,
+``adapter/`` (a peft folder) and ``done.json``. Every file is written atomically. The data order is a
+pure function of (seed, epoch), so the step counter is the data cursor; a killed run restarted with
+``resume=True`` continues from its last checkpoint and ends with exactly the weights an uninterrupted run
+gives (as long as no wall-clock budget cut it short).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from r2r_core.training.checkpoint import (
+    atomic_json,
+    atomic_save,
+    atomic_save_tensors,
+    capture_rng,
+    load_checkpoint,
+    replace_dir,
+    restore_rng,
+)
+from r2r_core.training.curation import TrainGroup
+from r2r_core.training.loss import group_infonce
+from r2r_core.training.selection import METRICS, DevQuery, evaluate_dev, metric_value
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ADAPTER_NAME", "LoraSettings", "TrainConfig", "TrainResult", "resolve_precision", "train_adapter"]
+
+ADAPTER_NAME = "default"  # peft's adapter name inside a training run
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 32
+    alpha: int = 64
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"`lora.r` must be an int >= 1, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"`lora.alpha` must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`lora.dropout` must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules or not all(isinstance(m, str) for m in self.target_modules):
+            raise ValueError(
+                f"`lora.target_modules` must be a non-empty list of module names, got {self.target_modules!r}"
+            )
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=list(self.target_modules), task_type="CAUSAL_LM",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``steps`` counts optimizer steps of ``groups_per_batch * grad_accum`` groups."""
+
+    steps: int = 200
+    groups_per_batch: int = 2
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    tau: float = 1.0
+    precision: str = "auto"
+    seed: int = 0
+    eval_every: int = 50
+    eval_at_start: bool = True
+    save_every: int = 25
+    metric: str = "ndcg@10"
+    eval_batch_size: int = 16
+    shared_prefix: bool = True
+    max_time_s: float | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        for name in ("steps", "groups_per_batch", "grad_accum", "eval_every", "save_every", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"`lr` must be > 0, got {self.lr!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio!r}")
+        if not self.tau > 0:
+            raise ValueError(f"`tau` must be > 0, got {self.tau!r}")
+        if not isinstance(self.max_length, int) or self.max_length < 32:
+            raise ValueError(f"`max_length` must be an int >= 32, got {self.max_length!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"`precision` must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"`metric` must be one of {METRICS}, got {self.metric!r}")
+        if self.max_time_s is not None and not self.max_time_s > 0:
+            raise ValueError(f"`max_time_s` must be > 0 or None, got {self.max_time_s!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"`max_grad_norm` must be > 0 or None, got {self.max_grad_norm!r}")
+
+
+@dataclass
+class TrainResult:
+    name: str
+    adapter_dir: str
+    steps_done: int
+    completed: bool
+    best_step: int | None = None
+    best_metric: float | None = None
+    start_metric: float | None = None
+    final_loss: float | None = None
+    pairs_per_s: float | None = None
+    train_s: float = 0.0
+    stopped: str | None = None  # "time" when a wall-clock budget ended the run early
+    best_eval: dict | None = None
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (None = plain fp32)."""
+    from r2r_core.runtime import cpu_has_fast_bf16
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return None
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _schedule(config: TrainConfig):
+    warmup = int(round(config.warmup_ratio * config.steps))
+
+    def factor(step: int) -> float:  # step = number of optimizer steps taken so far
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (config.steps - step) / max(1, config.steps - warmup))
+
+    return factor
+
+
+class _Batches:
+    """Deterministic stream of groups: epoch ``e`` is a permutation seeded by (seed, e); no state but the cursor."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._cache = n, seed, {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._cache:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = {epoch: torch.randperm(self.n, generator=gen).tolist()}
+        return self._cache[epoch]
+
+    def take(self, cursor: int, count: int) -> list[int]:
+        return [self._perm(i // self.n)[i % self.n] for i in range(cursor, cursor + count)]
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model, state: dict[str, torch.Tensor], source: str) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"{source}: weights for {len(missing)} trainable parameters are missing (e.g. {missing[0]})")
+    with torch.no_grad():
+        for n, t in state.items():
+            if n in params:
+                params[n].copy_(t.to(params[n].dtype))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+            and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def train_adapter(
+    model,
+    tokenizer,
+    template,
+    instruction: str,
+    groups: Sequence[TrainGroup],
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    dev: Sequence[DevQuery] | None = None,
+    init_adapter: str | Path | None = None,
+    resume: bool = True,
+    stop_after: int | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one LoRA adapter on ``groups``; writes ``run_dir/adapter`` (peft format) when finished.
+
+    ``model`` is a plain causal LM (frozen); LoRA is injected for the run and removed afterwards, so the
+    same backbone serves the next run. ``init_adapter`` (a peft folder) sets the starting weights (EAG
+    Stage 2 starts from Stage 1). ``stop_after`` stops after that many steps as if the process were killed
+    there (for tests of resuming); the result then has ``completed=False``.
+    """
+    from peft import get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from r2r_core.scoring import PromptEncoder, YesNoIds, install_yes_no_head, yes_no_margins
+    from r2r_core.training.group_forward import group_margins
+
+    run_dir = Path(run_dir)
+    name = name or run_dir.name
+    if not groups:
+        raise ValueError(f"run {name!r}: no training groups")
+    sizes = {g.size for g in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"run {name!r}: every group must have the same size, got sizes {sorted(sizes)}")
+    group_size = sizes.pop()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done_path, ckpt_path, best_path = run_dir / "done.json", run_dir / "checkpoint.pt", run_dir / "best.safetensors"
+    log_path = run_dir / "metrics.jsonl"
+    if resume and done_path.is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file():
+        logger.info("run %s already finished; reusing %s", name, run_dir / "adapter")
+        return TrainResult(**json.loads(done_path.read_text(encoding="utf-8")))
+    if not resume:
+        for p in (done_path, ckpt_path, best_path, log_path):
+            p.unlink(missing_ok=True)
+
+    device = next(model.parameters()).device
+    autocast_dtype = resolve_precision(config.precision, device)
+    yes_no = YesNoIds.from_tokenizer(tokenizer, template)
+    install_yes_no_head(model, yes_no)  # only the two answer rows of the LM head are computed
+    encoder = PromptEncoder(tokenizer, template, config.max_length)
+    pad_id = tokenizer.pad_token_id
+
+    _seed_all(config.seed)
+    peft_model = get_peft_model(model, config.lora.to_peft(), adapter_name=ADAPTER_NAME)
+    try:
+        if init_adapter is not None:
+            weights = Path(init_adapter) / "adapter_model.safetensors"
+            if not weights.is_file():
+                raise FileNotFoundError(f"{weights}: the initial adapter (init_adapter) has no weights file")
+            result = set_peft_model_state_dict(peft_model, load_file(str(weights)), adapter_name=ADAPTER_NAME)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"{weights}: unexpected keys {result.unexpected_keys[:3]}")
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+        state = {"step": 0, "best_metric": None, "best_step": None, "start_metric": None, "best_eval": None,
+                 "train_s": 0.0, "pairs": 0}
+        if resume and ckpt_path.is_file():
+            ckpt = load_checkpoint(ckpt_path)
+            _load_trainable(peft_model, ckpt["trainable"], str(ckpt_path))
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            restore_rng(ckpt["rng"])
+            state.update(ckpt["state"])
+            _truncate_log(log_path, state["step"])
+            logger.info("run %s: resumed at step %d from %s", name, state["step"], ckpt_path)
+
+        def log(record: dict) -> None:
+            with open(log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+        def evaluate(step: int) -> None:
+            if not dev:
+                return
+            t0 = time.perf_counter()
+            res = evaluate_dev(peft_model, encoder, instruction, dev, pad_token_id=pad_id, yes_no=yes_no,
+                               batch_size=config.eval_batch_size, adapter_name=ADAPTER_NAME,
+                               autocast_dtype=autocast_dtype)
+            value = metric_value(res, config.metric)
+            if step == 0:
+                state["start_metric"] = value
+            improved = state["best_metric"] is None or value > state["best_metric"]
+            if improved:
+                state.update(best_metric=value, best_step=step, best_eval=res)
+                atomic_save_tensors(_trainable_state(peft_model), best_path)
+            log({"step": step, "event": "eval", config.metric: value, "best": state["best_metric"],
+                 "improved": improved, "eval_s": round(time.perf_counter() - t0, 2), **{
+                     f"dev_{k}": v for k, v in res["macro"].items()}})
+            logger.info("run %s step %d: dev %s = %.4f (best %.4f at step %s)", name, step, config.metric,
+                        value, state["best_metric"], state["best_step"])
+
+        def checkpoint() -> None:
+            atomic_save({"trainable": _trainable_state(peft_model), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": capture_rng(), "state": dict(state),
+                         "config": asdict(config)}, ckpt_path)
+
+        if state["step"] == 0 and config.eval_at_start and dev:
+            evaluate(0)
+            checkpoint()
+
+        batches = _Batches(len(groups), config.seed)
+        token_cache: dict[int, tuple[list[int], list[list[int]]]] = {}
+
+        def tokens(i: int) -> tuple[list[int], list[list[int]]]:
+            if i not in token_cache:
+                g = groups[i]
+                token_cache[i] = encoder.encode(instruction, g.query, list(g.docs))
+            return token_cache[i]
+
+        ctx = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
+        per_step = config.groups_per_batch * config.grad_accum
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.steps, initial=state["step"], desc=name, unit="step", dynamic_ncols=True)
+        peft_model.train()
+        started = time.perf_counter()
+        loss_ema = None
+        stopped = None
+        while state["step"] < config.steps:
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            cursor = state["step"] * per_step
+            total = 0.0
+            for micro in range(config.grad_accum):
+                idx = batches.take(cursor + micro * config.groups_per_batch, config.groups_per_batch)
+                if config.shared_prefix:  # one forward per group, the prefix run once (same loss, fewer tokens)
+                    for i in idx:
+                        prefix, tails = tokens(i)
+                        with ctx():
+                            margins = group_margins(peft_model, prefix, tails, pad_id)
+                        loss = group_infonce(margins.view(1, group_size), tau=config.tau) / (
+                            config.grad_accum * len(idx))
+                        loss.backward()
+                        total += loss.item()
+                else:
+                    seqs = [prefix + t for prefix, tails in map(tokens, idx) for t in tails]
+                    with ctx():
+                        margins = yes_no_margins(peft_model, seqs, pad_id)
+                    loss = group_infonce(margins.view(len(idx), group_size), tau=config.tau) / config.grad_accum
+                    loss.backward()
+                    total += loss.item()
+            grad_norm = None
+            if config.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            dt = time.perf_counter() - t0
+            state["train_s"] += dt
+            state["pairs"] += per_step * group_size
+            loss_ema = total if loss_ema is None else 0.9 * loss_ema + 0.1 * total
+            pps = per_step * group_size / dt
+            step = state["step"]
+            log({"step": step, "loss": round(total, 5), "lr": scheduler.get_last_lr()[0],
+                 "grad_norm": None if grad_norm is None else round(grad_norm, 4), "pairs_per_s": round(pps, 3)})
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_ema:.3f}", pairs_s=f"{pps:.2f}")
+                bar.update(1)
+            out_of_time = config.max_time_s is not None and time.perf_counter() - started > config.max_time_s
+            if out_of_time and step < config.steps:
+                stopped = "time"
+            if step % config.eval_every == 0 or step == config.steps or stopped:
+                evaluate(step)
+            if step % config.save_every == 0 or step % config.eval_every == 0 or step == config.steps or stopped:
+                checkpoint()
+            if stopped:
+                logger.warning("run %s: wall-clock budget of %.0fs reached at step %d of %d", name,
+                               config.max_time_s, step, config.steps)
+                break
+            if stop_after is not None and step >= stop_after and step < config.steps:
+                if bar is not None:
+                    bar.close()
+                return TrainResult(name, "", step, False, state["best_step"], state["best_metric"],
+                                   state["start_metric"], total, None, state["train_s"])
+        if bar is not None:
+            bar.close()
+        peft_model.eval()
+        if dev and best_path.is_file():
+            _load_trainable(peft_model, load_file(str(best_path)), str(best_path))
+        tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=run_dir))
+        peft_model.save_pretrained(str(tmp / "a"), selected_adapters=[ADAPTER_NAME])
+        saved = tmp / "a"
+        nested = saved / ADAPTER_NAME  # peft nests non-default adapter names; ours is "default"
+        replace_dir(nested if nested.is_dir() else saved, run_dir / "adapter")
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        result = TrainResult(
+            name=name, adapter_dir=str(run_dir / "adapter"), steps_done=state["step"], completed=True,
+            best_step=state["best_step"], best_metric=state["best_metric"], start_metric=state["start_metric"],
+            final_loss=loss_ema, pairs_per_s=(state["pairs"] / state["train_s"]) if state["train_s"] else None,
+            train_s=round(state["train_s"], 2), stopped=stopped, best_eval=state["best_eval"],
+        )
+        atomic_json(asdict(result), done_path)
+        return result
+    finally:
+        peft_model.unload()  # removes the LoRA layers: ``model`` is the plain backbone again
+        model.eval()

@@ -1,0 +1,96 @@
+"""`r2r train` end to end: smoke recipe on a toy BEIR collection with the tiny model -> loadable bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_training_helpers import write_toy_beir
+
+from r2r_core.cli import main
+
+SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.toml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_cpu():
+    # The shared tiny random model (weights scaled x8) yields subnormal activations that slow CPU matmuls
+    # ~100x; and on a busy 2-core machine one thread beats two (no waiting on a descheduled sibling).
+    threads = torch.get_num_threads()
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(1)
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("pipeline")
+    write_toy_beir(root / "data", n_train=10, n_dev=4)
+    out = root / "out"
+    args = ["train", "--recipe", str(SMOKE), "--data", str(root / "data"), "--base-model", str(tiny_model_dir),
+            "--out", str(out), "--precision", "fp32", "--no-progress", "--ablations", "single-lora", "direct-ft"]
+    assert main(args) == 0
+    return out, args
+
+
+def test_bundle_loads_and_routes_its_training_queries(trained):
+    from r2r_core import R2RReranker
+    from r2r_core.data import find_datasets, load_beir
+
+    out, _ = trained
+    reranker = R2RReranker.from_pretrained(out / "bundle", device="cpu", dtype="float32")
+    assert sorted(reranker.experts) == ["financial", "legal", "medical"]
+    assert reranker.router is not None
+    data = [load_beir(f, "train") for f in find_datasets(out.parent / "data")]
+    for ds in data:
+        for q in ds.queries.values():
+            assert reranker.route(q.text).expert == q.domain, q.text
+    docs = list(next(iter(data[0].corpus.values())).text for _ in range(1)) + ["unrelated"]
+    results = reranker.rerank(next(iter(data[0].queries.values())).text, docs)
+    assert len(results) == 2 and results[0].expert in reranker.experts
+
+
+def test_layout_reports_and_ablation_bundles(trained):
+    from r2r_core import R2RReranker
+    from r2r_core.bundle import read_bundle
+
+    out, _ = trained
+    report = json.loads((out / "train_report.json").read_text())
+    assert set(report["runs"]) == {"stage1-eag", "stage2-financial", "stage2-legal", "stage2-medical",
+                                   "direct-financial", "direct-legal", "direct-medical", "single-lora"}
+    assert all(r["completed"] and r["steps_done"] == 6 for r in report["runs"].values())
+    assert report["router"]["dev"]["n"] == 12 and "description" in report["router"]["threshold"]
+    assert report["abstraction"]["datasets"]["toyfin"]["mentions"] > 0
+    assert (out / "abstraction_report.md").read_text().count("### ") == 3
+    stage1 = [json.loads(x) for x in (out / "data" / "abstracted.jsonl").read_text().splitlines()]
+    assert any("[" in g["query"] for g in stage1)
+    cfg = read_bundle(out / "bundle")
+    assert cfg.threshold == report["router"]["threshold"]["threshold"]
+    assert cfg.metadata["router_threshold_rule"]["rule"] == "keep-correct"
+    assert json.loads((out / "bundle" / "training_report.json").read_text())["router"]["dev"]["accuracy"] >= 0
+    single = R2RReranker.from_pretrained(out / "ablations" / "single-lora", device="cpu", dtype="float32")
+    assert single.experts == ["single-lora"] and single.router is None
+    direct = read_bundle(out / "ablations" / "direct-ft")
+    assert sorted(direct.experts) == ["financial", "legal", "medical"] and direct.router is not None
+
+
+def test_resume_reuses_finished_work(trained):
+    out, args = trained
+    before = json.loads((out / "train_report.json").read_text())
+    assert main([*args, "--resume"]) == 0
+    after = json.loads((out / "train_report.json").read_text())
+    for name, run in before["runs"].items():
+        assert after["runs"][name]["best_metric"] == run["best_metric"]
+        assert after["runs"][name]["wall_s"] < 1.0, f"{name} was retrained instead of reused"
+
+
+def test_refuses_to_overwrite_without_resume(trained, capsys):
+    out, args = trained
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--data", "/nonexistent/beir", "--out", str(out / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
