@@ -74,3 +74,13 @@ def test_quickstart_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("query: ")
     assert "route: " in proc.stdout and "llamaindex" in proc.stdout and "langchain" in proc.stdout
+
+
+@pytest.mark.slow
+def test_training_notebook_executes():
+    data = EXAMPLES.parent.parent / "shared" / "data" / "financial" / "tatqa"
+    if not data.is_dir():
+        pytest.skip(f"the shared data is not beside the repository ({data})")
+    text = _stdout(_execute("train_domain_experts.ipynb"))
+    assert "groups of 4" in text
+    assert "dev nDCG@10: first-stage" in text and "expert" in text
