@@ -14,13 +14,13 @@ not match the backbone it is loaded on.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from r2r_core.experts import EXPERT_META_FILE, validate_expert_name
+from r2r_core.fsutil import replace_dir
 from r2r_core.router import ROUTER_CONFIG, ROUTER_WEIGHTS, LatentRouter
 from r2r_core.templates import PromptTemplate
 
@@ -144,14 +144,7 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
             router=router_entry, threshold=threshold, metadata=dict(metadata or {}),
         )
         (tmp / BUNDLE_FILE).write_text(config.to_json(), encoding="utf-8")
-        if root.exists():
-            old = root.with_name(f".{root.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(root, old)
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, root)
+        replace_dir(tmp, root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

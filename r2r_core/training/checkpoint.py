@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from r2r_core.fsutil import replace_dir
 
 __all__ = [
     "atomic_json",
@@ -81,20 +82,6 @@ def atomic_text(text: str, path: str | Path) -> Path:
 
 def atomic_json(data, path: str | Path) -> Path:
     return atomic_text(json.dumps(data, indent=2, sort_keys=True, default=str), path)
-
-
-def replace_dir(src: Path, dst: Path) -> Path:
-    """Move the finished folder ``src`` to ``dst``, replacing an older ``dst`` (old one removed after)."""
-    src, dst = Path(src), Path(dst)
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-    return dst
 
 
 def capture_rng() -> dict:
