@@ -299,7 +299,10 @@ class EntityDetector:
         self.max_cues, self.cue_max_df, self.cue_min_chars = max_cues, cue_max_df, cue_min_chars
         self._nlp = _load_spacy() if use_spacy else None
         if use_spacy is True and self._nlp is None:
-            raise ImportError('spaCy NER was requested but spaCy or "en_core_web_sm" is not importable')
+            raise ImportError(
+                "spaCy NER was requested (use_spacy=true) but spaCy or an English model is not importable: "
+                "pip install spacy && python -m spacy download en_core_web_sm"
+            )
 
     @classmethod
     def from_corpus(cls, texts: Iterable[str], **kwargs) -> EntityDetector:
@@ -361,7 +364,7 @@ class EntityDetector:
                 if kind in ("DISEASE", "DRUG"):
                     start = tokens[i].start()
                     end = start + len(tokens[i].group().rstrip("."))
-                    if i > 0 and lowered[i] in _DISEASE_WORDS and lowered[i - 1] not in _STOP and i - 1 >= 0:
+                    if i > 0 and lowered[i] in _DISEASE_WORDS and lowered[i - 1] not in _STOP:
                         start = tokens[i - 1].start()  # "kidney disease", "noonan syndrome"
                     out.append(Mention(start, end, kind, text[start:end], "gazetteer"))
                 i += 1
