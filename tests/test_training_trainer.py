@@ -237,3 +237,13 @@ def test_config_validation_and_precision():
     assert TrainConfig(lora={"r": 8}).lora.r == 8
     assert resolve_precision("fp32", torch.device("cpu")) is None
     assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+
+
+def test_wall_clock_budget_stops_early_and_keeps_the_best(backbone, template, tmp_path):
+    res = train_adapter(backbone.model, backbone.tokenizer, template, "judge", _groups(),
+                        _config(steps=500, eval_every=400, max_time_s=0.5), tmp_path / "t", dev=_dev(), progress=False)
+    assert res.completed and res.stopped == "time" and 1 <= res.steps_done < 500
+    evals = [json.loads(x)["step"] for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x).get("event") == "eval"]
+    assert evals == [0, res.steps_done], "the stopping point is evaluated before the adapter is exported"
+    assert (tmp_path / "t" / "adapter" / "adapter_model.safetensors").is_file()
