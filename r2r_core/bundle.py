@@ -24,7 +24,18 @@ from r2r_core.fsutil import replace_dir
 from r2r_core.router import ROUTER_CONFIG, ROUTER_WEIGHTS, LatentRouter
 from r2r_core.templates import PromptTemplate
 
-__all__ = ["BUNDLE_FILE", "FORMAT_VERSION", "BundleConfig", "is_bundle", "read_bundle", "write_bundle"]
+__all__ = [
+    "BUNDLE_FILE",
+    "FORMAT_VERSION",
+    "BundleConfig",
+    "export_bundle",
+    "is_bundle",
+    "read_bundle",
+    "write_bundle",
+]
+
+_ADAPTER_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                   "float16": "float16", "fp16": "float16"}
 
 BUNDLE_FILE = "r2r.json"
 FORMAT_VERSION = 1
@@ -105,13 +116,18 @@ def read_bundle(path: str | Path) -> BundleConfig:
 def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, template: PromptTemplate,
                  instruction: str | None = None, experts: dict[str, str | Path] | None = None,
                  router: LatentRouter | None = None, threshold: float | None = None,
-                 expert_instructions: dict[str, str] | None = None, metadata: dict | None = None) -> Path:
+                 expert_instructions: dict[str, str] | None = None, metadata: dict | None = None,
+                 adapter_dtype: str | None = None) -> Path:
     """Write a complete bundle atomically (built in a temporary folder, then moved into place).
 
     ``experts`` maps names to peft adapter folders, which are copied to ``experts/<name>/`` along with an
-    ``r2r_expert.json`` recording the base model and its fingerprint.
+    ``r2r_expert.json`` recording the base model and its fingerprint. ``adapter_dtype`` ("bfloat16",
+    "float16", "float32") stores the adapters' floating-point weights in that dtype instead of copying them
+    as they are: bf16 halves an fp32 adapter; experts are cast back to the backbone's dtype on load.
     """
     root = Path(path)
+    if adapter_dtype is not None and adapter_dtype not in _ADAPTER_DTYPES:
+        raise ValueError(f"`adapter_dtype` must be None or one of {sorted(_ADAPTER_DTYPES)}, got {adapter_dtype!r}")
     experts = dict(experts or {})
     if root.exists() and any(root.iterdir()) and not is_bundle(root):
         raise FileExistsError(f"{root} exists and is not an R2R bundle; refusing to overwrite it")
@@ -126,8 +142,11 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
                 raise FileNotFoundError(f"expert {name!r}: {src} is not a peft adapter folder with safetensors")
             dst = tmp / "experts" / name
             dst.mkdir(parents=True)
-            for fname in ("adapter_config.json", "adapter_model.safetensors"):
-                shutil.copy2(src / fname, dst / fname)
+            shutil.copy2(src / "adapter_config.json", dst / "adapter_config.json")
+            if adapter_dtype is None:
+                shutil.copy2(src / "adapter_model.safetensors", dst / "adapter_model.safetensors")
+            else:
+                _cast_safetensors(src / "adapter_model.safetensors", dst / "adapter_model.safetensors", adapter_dtype)
             meta = {"base_model": base_model, "base_fingerprint": base_fingerprint}
             (dst / EXPERT_META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
             sub_paths[name] = f"experts/{name}"
@@ -149,3 +168,46 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _cast_safetensors(src: Path, dst: Path, dtype: str) -> None:
+    """Copy a safetensors file with its floating-point tensors cast to ``dtype`` (file metadata kept)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    target = getattr(torch, _ADAPTER_DTYPES[dtype])
+    tensors = {}
+    with safe_open(str(src), framework="pt") as f:
+        file_meta = f.metadata() or {}
+        for key in f.keys():
+            t = f.get_tensor(key)
+            tensors[key] = t.to(target) if t.is_floating_point() else t
+    save_file(tensors, str(dst), metadata={**file_meta, "format": "pt"})
+
+
+def export_bundle(src: str | Path, dst: str | Path, *, adapter_dtype: str | None = None,
+                  metadata: dict | None = None) -> Path:
+    """Copy the bundle at ``src`` to ``dst`` (atomically), optionally storing the adapters in ``adapter_dtype``.
+
+    Works on files only: no model is loaded. The base fingerprint, template, instructions, router and
+    threshold are kept; ``metadata`` entries are added to the bundle's metadata.
+    """
+    src = Path(src)
+    config = read_bundle(src)
+    if Path(dst).resolve() == src.resolve():
+        raise ValueError(f"export_bundle needs a destination other than its source ({src})")
+    router = None
+    if config.router is not None:
+        router = LatentRouter.load(src, config.router["weights"], config.router["config"])
+    meta = dict(config.metadata)
+    if adapter_dtype is not None:
+        meta["adapter_dtype"] = _ADAPTER_DTYPES.get(adapter_dtype, adapter_dtype)
+    meta.update(metadata or {})
+    return write_bundle(
+        dst, base_model=config.base_model, base_fingerprint=config.base_fingerprint,
+        template=PromptTemplate.from_dict(config.template), instruction=config.instruction,
+        experts={name: src / sub for name, sub in config.experts.items()}, router=router,
+        threshold=config.threshold, expert_instructions=config.expert_instructions, metadata=meta,
+        adapter_dtype=adapter_dtype,
+    )

@@ -1,4 +1,4 @@
-"""The ``r2r`` command: ``r2r demo`` (rerank on the embedded default), ``r2r train``, ``r2r eval``."""
+"""The ``r2r`` command: ``r2r demo`` (rerank on the embedded default), ``r2r export``, ``r2r train``, ``r2r eval``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from r2r_core.bundle import export_bundle
+
+    out = export_bundle(args.bundle, args.out, adapter_dtype=args.adapter_dtype)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({size / 1e6:.1f} MB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r2r", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -56,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None)
     demo.add_argument("--dtype", default="auto")
     demo.set_defaults(func=_demo)
+    export = sub.add_parser("export", help="copy a bundle, optionally with its adapters stored in bf16 (half size)")
+    export.add_argument("bundle", help="bundle folder to copy")
+    export.add_argument("out", help="destination folder (replaced atomically if it is a bundle)")
+    export.add_argument("--adapter-dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="store the experts' weights in this dtype (default: as they are)")
+    export.set_defaults(func=_export)
     for module in ("r2r_core.training.cli", "r2r_core.evaluation.cli"):
         try:
             mod = importlib.import_module(module)

@@ -149,14 +149,18 @@ class R2RReranker:
                 raise ValueError(f"{path / 'r2r.json'}: the router routes to {missing}, which are not experts")
         return self
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write this reranker as a bundle (experts, router, template, instructions, base fingerprint)."""
+    def save_pretrained(self, path: str | Path, *, adapter_dtype: str | None = None) -> Path:
+        """Write this reranker as a bundle (experts, router, template, instructions, base fingerprint).
+
+        ``adapter_dtype="bfloat16"`` stores the experts' weights in bf16 (half the size of fp32).
+        """
         with self._lock:
             return write_bundle(
                 path, base_model=self.backbone.model_id, base_fingerprint=self.backbone.fingerprint,
                 template=self.template, instruction=self.instruction, experts=dict(self._sources),
                 router=self.router, threshold=self.threshold,
                 expert_instructions={n: i for n in self.experts if (i := self._experts.instruction(n))},
+                adapter_dtype=adapter_dtype,
             )
 
     # ------------------------------------------------------------------ experts

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from r2r_core import R2RReranker
 from r2r_core.backbone import fingerprint_model, fingerprints_match, load_backbone
@@ -40,6 +41,40 @@ def test_save_pretrained_round_trip_gives_the_same_scores(tiny_reranker, tmp_pat
     q = "What was the company's revenue growth in 2019?"
     assert again.route(q).expert == tiny_reranker.route(q).expert
     assert again._experts.instruction("legal") == tiny_reranker._experts.instruction("legal")
+
+
+def test_export_stores_bf16_adapters_at_half_size_with_close_scores(tiny_bundle_dir, tiny_reranker, tmp_path):
+    from safetensors import safe_open
+
+    from r2r_core.bundle import export_bundle
+
+    out = export_bundle(tiny_bundle_dir, tmp_path / "bf16", adapter_dtype="bfloat16", metadata={"note": "x"})
+    config = read_bundle(out)
+    assert config.metadata["adapter_dtype"] == "bfloat16" and config.metadata["note"] == "x"
+    assert config.base_fingerprint == read_bundle(tiny_bundle_dir).base_fingerprint
+    for name, sub in config.experts.items():
+        src = tiny_bundle_dir / read_bundle(tiny_bundle_dir).experts[name] / "adapter_model.safetensors"
+        dst = out / sub / "adapter_model.safetensors"
+        with safe_open(str(dst), framework="pt") as f:
+            new = {k: f.get_tensor(k) for k in f.keys()}
+        with safe_open(str(src), framework="pt") as f:
+            old = {k: f.get_tensor(k) for k in f.keys()}
+        assert new.keys() == old.keys()
+        assert {str(t.dtype) for t in new.values()} == {"torch.bfloat16"}
+        assert sum(t.nbytes for t in new.values()) * 2 == sum(t.nbytes for t in old.values())
+    # Loaded on an fp32 backbone, each expert holds exactly the bf16-rounded weights of the original, in fp32.
+    again = R2RReranker.from_pretrained(out, device="cpu", dtype="float32")
+    assert again.threshold == tiny_reranker.threshold and again.experts == tiny_reranker.experts
+    want = {k: p for k, p in tiny_reranker.model.named_parameters() if "lora_" in k}
+    got = {k: p for k, p in again.model.named_parameters() if "lora_" in k}
+    assert got.keys() == want.keys() and want
+    for k, p in got.items():
+        assert p.dtype == torch.float32
+        assert torch.equal(p, want[k].to(torch.bfloat16).float()), k
+    with pytest.raises(ValueError, match="adapter_dtype"):
+        export_bundle(tiny_bundle_dir, tmp_path / "bad", adapter_dtype="int8")
+    with pytest.raises(ValueError, match="other than its source"):
+        export_bundle(out, out)
 
 
 def test_missing_expert_file_is_named(tiny_bundle_dir, tmp_path):
