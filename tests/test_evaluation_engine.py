@@ -221,3 +221,50 @@ def test_single_lora_bundle_with_several_experts_needs_a_name(request, data_root
         ]
     )
     assert code == 0
+
+
+def test_resume_reuses_finished_runs_and_rescores_what_changed(request, data_root, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    import r2r_core.evaluation.harness as harness
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(_fixture(request, "tiny_bundle_dir"), bundle)
+    out = tmp_path / "results.json"
+    argv = ["--data", str(data_root), "--split", "dev", "--out", str(out), "--bundle", str(bundle),
+            "--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--no-progress"]
+    # Two processes' worth of work: each writes its finished runs to the shared runs dir.
+    assert cli([*argv, "--systems", "first-stage,base"]) == 0
+    assert cli([*argv, "--systems", "r2r"]) == 0
+    finished = sorted(p.name for p in (tmp_path / "results.runs" / "finished").glob("*.json"))
+    assert finished == [f"{d}.dev.{s}.json" for d in ("legset", "medset") for s in ("base", "first-stage", "r2r")]
+    separate = {d: json.loads(out.read_text())["systems"]["r2r"]["datasets"][d]["metrics"] for d in ("legset", "medset")}
+
+    scored: list[tuple[str, str]] = []
+    real_run_system = harness.run_system
+
+    def counting_run_system(system, dataset, *args, **kwargs):
+        scored.append((system.name, dataset.name))
+        return real_run_system(system, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "run_system", counting_run_system)
+    assert cli([*argv, "--systems", "first-stage,base,r2r", "--resume"]) == 0
+    assert scored == []  # everything came from the finished runs
+    merged = json.loads(out.read_text())
+    assert list(merged["systems"]) == ["first-stage", "base", "r2r"]
+    for d in ("legset", "medset"):
+        assert merged["systems"]["r2r"]["datasets"][d]["metrics"] == separate[d]
+
+    # Without --resume everything is scored again; a changed bundle file or another subsample is too.
+    assert cli([*argv, "--systems", "first-stage"]) == 0
+    assert scored == [("first-stage", "legset"), ("first-stage", "medset")]
+    scored.clear()
+    st = (bundle / "router.json").stat()
+    os.utime(bundle / "router.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cli([*argv, "--systems", "first-stage,base,r2r", "--resume"]) == 0
+    # the router changed: r2r is scored again; the base model does not read the bundle's files
+    assert sorted(scored) == [("r2r", "legset"), ("r2r", "medset")]
+    scored.clear()
+    assert cli([*argv, "--systems", "first-stage", "--resume", "--max-queries", "1"]) == 0
+    assert sorted(scored) == [("first-stage", "legset"), ("first-stage", "medset")]

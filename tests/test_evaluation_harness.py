@@ -181,8 +181,12 @@ def test_eval_end_to_end_first_stage_and_minilm(data_root, tmp_path, caplog):
 
     # reranked runs: one per system and dataset, readable, in the order that was evaluated
     runs_dir = tmp_path / "res" / "results.runs"
-    assert sorted(p.name for p in runs_dir.iterdir()) == sorted(
+    assert sorted(p.name for p in runs_dir.glob("*.trec")) == sorted(
         f"{d}.dev.{s}.trec" for d in ("legset", "medset") for s in ("first-stage", "minilm", "minilm+fusion")
+    )
+    # finished runs kept for --resume (fused runs are recomputed from them)
+    assert sorted(p.name for p in (runs_dir / "finished").iterdir()) == sorted(
+        f"{d}.dev.{s}.json" for d in ("legset", "medset") for s in ("first-stage", "minilm")
     )
     run = read_run(runs_dir / "medset.dev.minilm.trec")
     assert run["mq1"][0][0] == "m1"

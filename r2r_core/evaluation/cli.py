@@ -81,6 +81,13 @@ def register(subparsers) -> argparse.ArgumentParser:
         metavar="N",
         help="torch CPU threads (default: torch's choice); 1 gives steadier latency on a busy machine",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse finished (system, dataset) runs from an earlier call with the same --runs-dir, when made "
+        "with the same bundle files, queries and settings (an interrupted eval continues; several processes "
+        "can split --systems and a last --resume call assembles the report)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_eval)
     return p
@@ -228,6 +235,8 @@ def run_eval(args) -> int:
             fusion_alpha=args.fusion_alpha,
             rrf_k=args.rrf_k,
             runs_dir=runs_dir,
+            cache_dir=runs_dir / "finished",
+            resume=args.resume,
             progress=not args.no_progress,
         )
         if args.threads is not None:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..data import BeirDataset
+from .cache import RunCache
 from .fusion import FUSION_METHODS, fuse
 from .metrics import MEASURES, latency_stats, mean_metrics, ranking_metrics, routing_metrics
 from .systems import FirstStageSystem, MiniLMSystem, RerankerSystem, RoutedSystem, System
@@ -47,6 +48,8 @@ class EvalConfig:
     runs_dir: Path | None = None  # where reranked TREC runs go (None: not written)
     progress: bool = True
     forgetting_metric: str = "nDCG@10"
+    cache_dir: Path | None = None  # finished (system, dataset) runs are stored here (see cache.py)
+    resume: bool = False  # reuse runs in cache_dir whose key matches (same system files, queries, depth)
 
     def __post_init__(self) -> None:
         if not isinstance(self.split, str) or not self.split:
@@ -65,6 +68,10 @@ class EvalConfig:
             raise ValueError(f"`forgetting_metric` must be one of {list(MEASURES)}, got {self.forgetting_metric!r}")
         if self.runs_dir is not None:
             self.runs_dir = Path(self.runs_dir)
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir)
+        if self.resume and self.cache_dir is None:
+            raise ValueError("`resume` needs a `cache_dir` holding the finished runs")
 
 
 @dataclass
@@ -273,6 +280,7 @@ def evaluate(
     per_system: dict[str, dict[str, dict]] = defaultdict(dict)
     runs_of: dict[str, list[SystemRun]] = defaultdict(list)
     gold = {d.name: {q: d.queries[q].domain for q in selected[d.name]} for d in datasets}
+    cache = RunCache(config.cache_dir, read=config.resume) if config.cache_dir is not None else None
     for dataset in datasets:
         qids = selected[dataset.name]
         done: dict[str, SystemRun] = {}
@@ -295,7 +303,14 @@ def evaluate(
                     reused.n_docs,
                 )
             else:
-                run = run_system(system, dataset, qids, max_candidates=config.max_candidates, progress=config.progress)
+                key = cache.key(system, dataset, qids, config.max_candidates) if cache else None
+                run = cache.load(system, dataset, key) if cache else None
+                if run is None:
+                    run = run_system(
+                        system, dataset, qids, max_candidates=config.max_candidates, progress=config.progress
+                    )
+                    if cache:
+                        cache.save(run, dataset, key)
             done[system.name] = run
             runs = [run]
             if config.fusion and system in systems and not isinstance(system, FirstStageSystem):
@@ -310,6 +325,7 @@ def evaluate(
         "config": {
             **asdict(config),
             "runs_dir": str(config.runs_dir) if config.runs_dir else None,
+            "cache_dir": str(config.cache_dir) if config.cache_dir else None,
             "measures": dict(MEASURES),
         },
         "datasets": {

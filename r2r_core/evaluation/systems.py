@@ -107,6 +107,7 @@ class MiniLMSystem:
             raise FileNotFoundError(f"{path}: MiniLM model folder not found")
         # Never reach the network: the model is a local folder and the hub is told to stay offline.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.model_path = path
         self.model = SentenceTransformer(str(path), device=device, local_files_only=True)
         self.batch_size = batch_size
         self.cache_documents = cache_documents
