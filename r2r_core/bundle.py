@@ -14,6 +14,7 @@ not match the backbone it is loaded on.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -163,11 +164,20 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
             router=router_entry, threshold=threshold, metadata=dict(metadata or {}),
         )
         (tmp / BUNDLE_FILE).write_text(config.to_json(), encoding="utf-8")
+        _make_readable(tmp)
         replace_dir(tmp, root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _make_readable(root: Path) -> None:
+    """Give the bundle the usual permissions (temporary files and folders are created private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _cast_safetensors(src: Path, dst: Path, dtype: str) -> None:

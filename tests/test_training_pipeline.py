@@ -76,6 +76,31 @@ def test_layout_reports_and_ablation_bundles(trained):
     assert single.experts == ["single-lora"] and single.router is None
     direct = read_bundle(out / "ablations" / "direct-ft")
     assert sorted(direct.experts) == ["financial", "legal", "medical"] and direct.router is not None
+    # one PNG of every run's loss and dev curve
+    assert report["curves"] == str(out / "training_curves.png")
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_curves_read_resumed_and_torn_logs(tmp_path):
+    from r2r_core.training.curves import find_run_logs, plot_training_curves, read_metrics
+
+    log = tmp_path / "out" / "runs" / "stage1-eag" / "metrics.jsonl"
+    log.parent.mkdir(parents=True)
+    lines = [{"step": 1, "loss": 2.1}, {"step": 2, "loss": 1.9}, {"step": 2, "event": "eval", "ndcg@10": 0.5},
+             {"step": 2, "loss": 1.8}, {"step": 3, "loss": 1.5}]  # step 2 logged again after a resume
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 4, "lo')
+    steps, evals = read_metrics(log)
+    assert [(r["step"], r["loss"]) for r in steps] == [(1, 2.1), (2, 1.8), (3, 1.5)]
+    assert evals == [{"step": 2, "event": "eval", "ndcg@10": 0.5}]
+    runs = find_run_logs(tmp_path / "out")
+    assert list(runs) == ["stage1-eag"]
+    png = plot_training_curves(runs, tmp_path / "c.png", group_size=8)
+    assert png.stat().st_size > 1000
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        find_run_logs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        find_run_logs(tmp_path / "missing")
 
 
 def test_resume_reuses_finished_work(trained):

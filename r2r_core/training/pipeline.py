@@ -285,6 +285,14 @@ def _run_recipe(recipe, *, out_dir, resume, max_steps, progress) -> dict:
     timings["total_s"] = time.perf_counter() - t_start
     report["bundles"] = bundles
     report["timings"] = {k: round(v, 1) for k, v in timings.items()}
+    try:
+        from .curves import find_run_logs, plot_training_curves
+
+        group = recipe.curation.num_negatives + 1
+        report["curves"] = str(plot_training_curves(find_run_logs(out / "runs"), out / "training_curves.png",
+                                                    metric=recipe.train.metric, group_size=group))
+    except ImportError as exc:  # matplotlib is optional (the [eval] extra)
+        logger.info("no training curves plot: %s", exc)
     atomic_json(report, out / "train_report.json")
     (out / "train_report.partial.json").unlink(missing_ok=True)
     logger.info("training finished in %.0fs; bundles: %s", timings["total_s"], bundles)
