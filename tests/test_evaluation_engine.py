@@ -169,6 +169,7 @@ def test_eval_all_systems_with_bundles(request, data_root, tmp_path, single_lora
 
     report = (tmp_path / "r.md").read_text()
     assert "## Routing" in report and "## Forgetting" in report and "__base__ (no adapter)" in report
+    assert "## The paper's claims on this data" in report and "`r2r` beats `first-stage`" in report
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "forgetting.png",
         "nDCG_at_10_per_dataset.png",

@@ -114,3 +114,35 @@ def test_markdown_table_bolds_best():
     assert lines[1] == "|:---|---:|---:|"
     assert lines[2] == "| a | **0.5000** | 0.1000 |"  # a column that ties everywhere is not bolded
     assert lines[3] == "| b | 0.2500 | 0.1000 |"
+
+
+def _results(ndcg: dict[str, dict[str, float]], accuracy: float = 1.0) -> dict:
+    datasets = ["a", "b"]
+    systems = {}
+    for name, per in ndcg.items():
+        systems[name] = {
+            "datasets": {d: {"metrics": {"nDCG@10": per[d]}} for d in datasets},
+            "macro": {"nDCG@10": sum(per[d] for d in datasets) / 2},
+        }
+    systems["r2r"]["routing"] = {"accuracy": accuracy, "confusion": {"x": {"x": 3, "y": 1}, "y": {"y": 4}}}
+    return {"datasets": dict.fromkeys(datasets, {}), "systems": systems}
+
+
+def test_check_claims_passes_and_fails_each_paper_claim():
+    from r2r_core.evaluation.report import check_claims
+
+    good = _results({
+        "first-stage": {"a": 0.5, "b": 0.5}, "minilm": {"a": 0.6, "b": 0.4}, "single-lora": {"a": 0.6, "b": 0.6},
+        "direct-ft": {"a": 0.6, "b": 0.7}, "r2r-oracle": {"a": 0.7, "b": 0.7}, "r2r": {"a": 0.7, "b": 0.695},
+    })
+    claims = check_claims(good)
+    assert [c["met"] for c in claims] == [True, True, True, True, True, True]
+    assert "8 queries" in claims[4]["measured"]
+    bad = _results({
+        "first-stage": {"a": 0.5, "b": 0.8}, "minilm": {"a": 0.6, "b": 0.4}, "single-lora": {"a": 0.9, "b": 0.9},
+        "direct-ft": {"a": 0.9, "b": 0.9}, "r2r-oracle": {"a": 0.8, "b": 0.8}, "r2r": {"a": 0.7, "b": 0.7},
+    }, accuracy=0.9)
+    met = {c["claim"]: c["met"] for c in check_claims(bad)}
+    assert list(met.values()) == [False, True, False, False, False, False]
+    assert "(worst: b)" in check_claims(bad)[0]["measured"]
+    assert check_claims({"datasets": {}, "systems": {}}) == []

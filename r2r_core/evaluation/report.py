@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from .metrics import MEASURES
 
-__all__ = ["format_report", "markdown_table"]
+__all__ = ["check_claims", "format_report", "markdown_table"]
 
 
 def _cell(value: object) -> str:
@@ -40,6 +40,63 @@ def markdown_table(
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ndcg(results: dict, system: str, dataset: str | None = None, metric: str = "nDCG@10") -> float | None:
+    entry = results["systems"].get(system)
+    if entry is None:
+        return None
+    if dataset is None:
+        return entry["macro"].get(metric)
+    return entry["datasets"].get(dataset, {}).get("metrics", {}).get(metric)
+
+
+def check_claims(results: dict, *, router_accuracy: float = 0.97, oracle_gap: float = 0.01) -> list[dict]:
+    """The paper's comparisons as pass/fail rows, for the systems present in ``results``.
+
+    - ``r2r`` beats ``first-stage`` and ``minilm`` on nDCG@10 on every dataset;
+    - ``r2r`` beats ``single-lora`` on the macro average;
+    - EAG (``r2r-oracle``) is at least as good as ``direct-ft`` on the macro average;
+    - the router's accuracy is at least ``router_accuracy`` and ``r2r`` is within ``oracle_gap`` nDCG@10 of
+      ``r2r-oracle``.
+    """
+    systems = results["systems"]
+    claims: list[dict] = []
+    if "r2r" not in systems:
+        return claims
+    datasets = list(results["datasets"])
+    for base in ("first-stage", "minilm"):
+        if base not in systems:
+            continue
+        diffs = {d: _ndcg(results, "r2r", d) - _ndcg(results, base, d) for d in datasets}
+        worst = min(diffs, key=diffs.get)
+        claims.append({
+            "claim": f"`r2r` beats `{base}` on nDCG@10 on every dataset",
+            "measured": "; ".join(f"{d} {v:+.3f}" for d, v in diffs.items()) + f" (worst: {worst})",
+            "met": all(v > 0 for v in diffs.values()),
+        })
+    if "single-lora" in systems:
+        diff = _ndcg(results, "r2r") - _ndcg(results, "single-lora")
+        claims.append({"claim": "`r2r` beats `single-lora` on macro nDCG@10",
+                       "measured": f"{_ndcg(results, 'r2r'):.4f} vs {_ndcg(results, 'single-lora'):.4f} "
+                                   f"({diff:+.4f})", "met": diff > 0})
+    if "r2r-oracle" in systems and "direct-ft" in systems:
+        diff = _ndcg(results, "r2r-oracle") - _ndcg(results, "direct-ft")
+        claims.append({"claim": "EAG (`r2r-oracle`) is at least as good as `direct-ft` on macro nDCG@10",
+                       "measured": f"{_ndcg(results, 'r2r-oracle'):.4f} vs {_ndcg(results, 'direct-ft'):.4f} "
+                                   f"({diff:+.4f})", "met": diff >= 0})
+    routing = systems["r2r"].get("routing")
+    if routing is not None:
+        acc = routing["accuracy"]
+        claims.append({"claim": f"router accuracy >= {router_accuracy:.0%} on the dev queries",
+                       "measured": f"{acc:.4f} over {sum(sum(r.values()) for r in routing['confusion'].values())} "
+                                   "queries", "met": acc >= router_accuracy})
+    if "r2r-oracle" in systems:
+        gap = _ndcg(results, "r2r-oracle") - _ndcg(results, "r2r")
+        claims.append({"claim": f"`r2r` within {oracle_gap * 100:.0f} nDCG@10 point of `r2r-oracle` (macro)",
+                       "measured": f"{_ndcg(results, 'r2r'):.4f} vs {_ndcg(results, 'r2r-oracle'):.4f} "
+                                   f"(gap {gap:+.4f})", "met": gap <= oracle_gap})
+    return claims
 
 
 def format_report(results: dict, *, title: str = "r2r eval results") -> str:
@@ -150,6 +207,17 @@ def format_report(results: dict, *, title: str = "r2r eval results") -> str:
             "Bi-encoder rows (" + ", ".join(f"`{s}`" for s in precomputed) + ") embed the documents "
             "ahead of time, untimed, as a deployed index would: their latency is the query encoding.",
         ]
+
+    claims = check_claims(results)
+    if claims:
+        out += ["", "## The paper's claims on this data", ""]
+        out.append(
+            markdown_table(
+                ["claim", "measured", "met"],
+                [[c["claim"], c["measured"], "yes" if c["met"] else "**no**"] for c in claims],
+                align_left=2,
+            )
+        )
 
     forgetting = results.get("forgetting")
     if forgetting:
