@@ -15,7 +15,8 @@ from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
-from r2r_core import BASE_ADAPTER, R2RReranker, RerankResult, Route
+from r2r_core import R2RReranker, RerankResult, Route
+from r2r_core.integration import check_positive, check_top_n, resolve_engine
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,6 @@ RELEVANCE_SCORE_KEY = "relevance_score"
 EXPERT_KEY = "r2r_expert"
 ROUTER_PROBABILITIES_KEY = "r2r_router_probabilities"
 RETRIEVAL_SCORE_KEY = "retrieval_score"
-
-_LOAD_FIELDS = ("model", "device", "dtype", "batch_size", "max_length")
 
 
 class R2RRerank(BaseDocumentCompressor):
@@ -83,39 +82,25 @@ class R2RRerank(BaseDocumentCompressor):
     @field_validator("top_n")
     @classmethod
     def _check_top_n(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"`top_n` must be >= 1 or None, got {value}")
-        return value
+        return check_top_n(value)
 
     @field_validator("batch_size", "max_length")
     @classmethod
     def _check_positive(cls, value: int, info: Any) -> int:
-        if value < 1:
-            raise ValueError(f"`{info.field_name}` must be >= 1, got {value}")
-        return value
+        return check_positive(info.field_name, value)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
-        if self.reranker is not None:
-            clashing = sorted(set(_LOAD_FIELDS) & self.model_fields_set)
-            if clashing:
-                raise ValueError(
-                    f"pass either `reranker` (an already loaded engine) or loading options, not both; "
-                    f"got reranker and {', '.join(clashing)}"
-                )
-            self._engine = self.reranker
-        else:
-            self._engine = R2RReranker.from_pretrained(
-                self.model,
-                device=self.device,
-                dtype=self.dtype,
-                batch_size=self.batch_size,
-                max_length=self.max_length,
-            )
-        if self.expert is not None and self.expert != BASE_ADAPTER and self.expert not in self._engine.experts:
-            raise KeyError(
-                f"`expert` {self.expert!r} is not in the reranker; available: {[BASE_ADAPTER, *self._engine.experts]}"
-            )
+        self._engine = resolve_engine(
+            self.reranker,
+            self.model_fields_set,
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            expert=self.expert,
+        )
 
     @property
     def engine(self) -> R2RReranker:
