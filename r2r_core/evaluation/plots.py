@@ -31,7 +31,7 @@ def plot_metric_bars(results: dict, path: Path | str, metric: str = "nDCG@10") -
     groups = [*datasets, "macro avg"]
     width = 0.8 / max(len(systems), 1)
     x = np.arange(len(groups))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.45 * len(groups) * len(systems)), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 1.0 + 0.45 * len(groups) * len(systems))), 5.0))
     cmap = plt.get_cmap("tab10" if len(systems) <= 10 else "tab20")
     for i, name in enumerate(systems):
         entry = results["systems"][name]
