@@ -126,3 +126,16 @@ def default_reranker_fp32():
     from r2r_core import R2RReranker
 
     return R2RReranker.from_pretrained("default", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def fast_cpu_module():
+    """For modules that train on the tiny model: its weights (scaled x8) yield subnormal activations that slow
+    CPU matmuls ~100x, so denormals are flushed; and on a busy 2-core machine one thread beats two (no waiting
+    on a descheduled sibling). Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(1)
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from test_training_helpers import write_toy_beir
 
 from r2r_core.cli import main
@@ -15,15 +14,8 @@ SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.toml"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _fast_cpu():
-    # The shared tiny random model (weights scaled x8) yields subnormal activations that slow CPU matmuls
-    # ~100x; and on a busy 2-core machine one thread beats two (no waiting on a descheduled sibling).
-    threads = torch.get_num_threads()
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(1)
+def _fast_cpu(fast_cpu_module):
     yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

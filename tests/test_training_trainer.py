@@ -18,15 +18,8 @@ SUBJECTS = ["asthma", "revenue", "warranty", "migraine", "goodwill", "arbitratio
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _fast_cpu():
-    # The shared tiny random model (weights scaled x8) yields subnormal activations that slow CPU matmuls
-    # ~100x; and on a busy 2-core machine one thread beats two (no waiting on a descheduled sibling).
-    threads = torch.get_num_threads()
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(1)
+def _fast_cpu(fast_cpu_module):
     yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
