@@ -40,6 +40,15 @@ class ExpertSet:
     then a ``peft.PeftModel`` holding every expert."""
 
     def __init__(self, model: torch.nn.Module, base_fingerprint: dict | None = None):
+        from peft.tuners.lora import LoraLayer
+
+        if any(isinstance(m, LoraLayer) for m in model.modules()):
+            # Another reranker's experts live inside these modules; scoring "without an expert" here would
+            # silently run them, and adding experts would mix the two sets.
+            raise ValueError(
+                "this backbone already carries LoRA experts of another reranker; load a fresh backbone "
+                "(R2RReranker.from_pretrained) or share the existing reranker instead"
+            )
         self.model = model
         self.base_fingerprint = base_fingerprint
         self._instructions: dict[str, str | None] = {}

@@ -173,3 +173,10 @@ def test_add_and_remove_experts_at_runtime(tiny_model_dir, tiny_adapters):
         r.rerank("q", DOCS, expert="medical")
     with pytest.raises(ValueError, match="expert name"):
         r.add_expert("__base__", tiny_adapters["legal"])
+
+
+def test_a_backbone_already_holding_experts_is_refused(tiny_reranker):
+    from r2r_core import R2RReranker
+
+    with pytest.raises(ValueError, match="already carries LoRA experts"):
+        R2RReranker(tiny_reranker.backbone, tiny_reranker.template)
