@@ -23,6 +23,7 @@ from pathlib import Path
 from r2r_core.experts import EXPERT_META_FILE, validate_expert_name
 from r2r_core.fsutil import replace_dir
 from r2r_core.router import ROUTER_CONFIG, ROUTER_WEIGHTS, LatentRouter
+from r2r_core.runtime import DTYPES
 from r2r_core.templates import PromptTemplate
 
 __all__ = [
@@ -35,8 +36,6 @@ __all__ = [
     "write_bundle",
 ]
 
-_ADAPTER_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-                   "float16": "float16", "fp16": "float16"}
 
 BUNDLE_FILE = "r2r.json"
 FORMAT_VERSION = 1
@@ -127,8 +126,8 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
     as they are: bf16 halves an fp32 adapter; experts are cast back to the backbone's dtype on load.
     """
     root = Path(path)
-    if adapter_dtype is not None and adapter_dtype not in _ADAPTER_DTYPES:
-        raise ValueError(f"`adapter_dtype` must be None or one of {sorted(_ADAPTER_DTYPES)}, got {adapter_dtype!r}")
+    if adapter_dtype is not None and adapter_dtype not in DTYPES:
+        raise ValueError(f"`adapter_dtype` must be None or one of {sorted(DTYPES)}, got {adapter_dtype!r}")
     experts = dict(experts or {})
     if root.exists() and any(root.iterdir()) and not is_bundle(root):
         raise FileExistsError(f"{root} exists and is not an R2R bundle; refusing to overwrite it")
@@ -182,11 +181,10 @@ def _make_readable(root: Path) -> None:
 
 def _cast_safetensors(src: Path, dst: Path, dtype: str) -> None:
     """Copy a safetensors file with its floating-point tensors cast to ``dtype`` (file metadata kept)."""
-    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    target = getattr(torch, _ADAPTER_DTYPES[dtype])
+    target = DTYPES[dtype]
     tensors = {}
     with safe_open(str(src), framework="pt") as f:
         file_meta = f.metadata() or {}
@@ -212,7 +210,7 @@ def export_bundle(src: str | Path, dst: str | Path, *, adapter_dtype: str | None
         router = LatentRouter.load(src, config.router["weights"], config.router["config"])
     meta = dict(config.metadata)
     if adapter_dtype is not None:
-        meta["adapter_dtype"] = _ADAPTER_DTYPES.get(adapter_dtype, adapter_dtype)
+        meta["adapter_dtype"] = str(DTYPES.get(adapter_dtype, adapter_dtype)).removeprefix("torch.")
     meta.update(metadata or {})
     return write_bundle(
         dst, base_model=config.base_model, base_fingerprint=config.base_fingerprint,

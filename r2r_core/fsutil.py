@@ -1,12 +1,14 @@
-"""Small filesystem helpers shared by bundle writing and training checkpoints."""
+"""Small filesystem helpers shared by bundle writing, training checkpoints and evaluation runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-__all__ = ["replace_dir"]
+__all__ = ["atomic_json", "atomic_text", "replace_dir"]
 
 
 def replace_dir(src: str | Path, dst: str | Path) -> Path:
@@ -21,3 +23,31 @@ def replace_dir(src: str | Path, dst: str | Path) -> Path:
     else:
         os.replace(src, dst)
     return dst
+
+
+def _tmp_path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_text(text: str, path: str | Path) -> Path:
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_json(data, path: str | Path) -> Path:
+    return atomic_text(json.dumps(data, indent=2, sort_keys=True, default=str), path)

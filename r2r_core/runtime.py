@@ -10,7 +10,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {
+DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -56,7 +56,7 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """``"auto"`` -> bf16 on CUDA with bf16 support and on CPUs with native bf16, else fp32."""
     if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
+        if dtype not in DTYPES.values():
             raise ValueError(f"`dtype` must be float32, bfloat16 or float16, got {dtype}")
         return dtype
     if not isinstance(dtype, str):
@@ -71,7 +71,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
             picked = torch.float32
         logger.info("dtype='auto' on %s: picked %s", device, picked)
         return picked
-    if key not in _DTYPES:
-        allowed = ", ".join(["auto", *sorted(_DTYPES)])
+    if key not in DTYPES:
+        allowed = ", ".join(["auto", *sorted(DTYPES)])
         raise ValueError(f"`dtype` must be one of {allowed}; got {dtype!r}")
-    return _DTYPES[key]
+    return DTYPES[key]

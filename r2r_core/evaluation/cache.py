@@ -15,12 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..data import BeirDataset
+from ..fsutil import atomic_json
 
 logger = logging.getLogger(__name__)
 
@@ -142,23 +141,8 @@ class RunCache:
         """Write ``run`` atomically (temporary file, then rename); nothing is written without a key."""
         if key is None:
             return None
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self._path(run.system, dataset)
         payload = {
             "key": key,
-            "run": {
-                "rankings": run.rankings,
-                "experts": run.experts,
-                "seconds": run.seconds,
-                "n_docs": run.n_docs,
-            },
+            "run": {"rankings": run.rankings, "experts": run.experts, "seconds": run.seconds, "n_docs": run.n_docs},
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=self.root)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(payload, f)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return atomic_json(payload, self._path(run.system, dataset))

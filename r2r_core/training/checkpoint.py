@@ -7,16 +7,13 @@ the Python / NumPy / torch RNG states (LoRA dropout draws from torch's global ge
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from r2r_core.fsutil import replace_dir
+from r2r_core.fsutil import _commit, _tmp_path, atomic_json, atomic_text, replace_dir
 
 __all__ = [
     "atomic_json",
@@ -28,19 +25,6 @@ __all__ = [
     "replace_dir",
     "restore_rng",
 ]
-
-
-def _tmp_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_save(obj, path: str | Path) -> Path:
@@ -67,21 +51,6 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> P
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def atomic_text(text: str, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_json(data, path: str | Path) -> Path:
-    return atomic_text(json.dumps(data, indent=2, sort_keys=True, default=str), path)
 
 
 def capture_rng() -> dict:
