@@ -2,7 +2,8 @@
 
 Experts are never switched globally: every forward pass names the adapter of each row through peft's
 ``adapter_names`` (``"__base__"`` for the bare backbone), so concurrent requests of different domains
-cannot see each other's expert. Each expert folder may carry ``r2r_expert.json`` with the fingerprint of the
+cannot see each other's expert. A batch whose rows all use one expert runs it folded into the weights for
+that call only (:mod:`r2r_core.lora_fold`). Each expert folder may carry ``r2r_expert.json`` with the fingerprint of the
 base weights it was trained on; an expert made for a different base model is refused.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from r2r_core.backbone import fingerprints_match
+from r2r_core.lora_fold import install_lora_folding
 from r2r_core.scoring import BASE_ADAPTER
 
 logger = logging.getLogger(__name__)
@@ -111,6 +113,7 @@ class ExpertSet:
         for pname, param in self.model.named_parameters():
             if f".{name}." in pname and param.dtype != dtype:
                 param.data = param.data.to(dtype)
+        install_lora_folding(self.model)
         self.model.eval()
         self._instructions[name] = instruction
         logger.info("Loaded expert %r from %s", name, adapter_dir)

@@ -195,7 +195,7 @@ def test_plain_path_batch_size_does_not_change_scores(bundle, plain):
 @pytest.mark.slow
 def test_real_backbone_fp32_fast_path_equals_reference(default_reranker_fp32, smollm2_checkpoint):
     """SmolLM2-135M in fp32: prefix-cached scores equal the model-card reference within 1e-4, with mixed
-    lengths and a document longer than max_length (512)."""
+    lengths and a document longer than max_length (512), on the bare backbone and with a shipped expert."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     r = default_reranker_fp32
@@ -225,3 +225,13 @@ def test_real_backbone_fp32_fast_path_equals_reference(default_reranker_fp32, sm
     assert got == pytest.approx(ref, abs=1e-4)
     batch_one = R2RReranker.from_pretrained("default", device="cpu", dtype="float32", batch_size=1)
     assert margins_in_input_order(batch_one.rerank(query, docs, expert="__base__")) == pytest.approx(ref, abs=1e-4)
+    # with a shipped expert (folded into the weights for r2r's uniform batches; peft's set_adapter path here)
+    from peft import PeftModel
+
+    from r2r_core.reranker import DEFAULT_BUNDLE_DIR
+
+    expert_model = PeftModel.from_pretrained(model, str(DEFAULT_BUNDLE_DIR / "experts" / "medical")).eval()
+    with torch.inference_mode():
+        logits = expert_model(**batch).logits[:, -1, :]
+    ref = (logits[:, r.yes_no.yes] - logits[:, r.yes_no.no]).tolist()
+    assert margins_in_input_order(r.rerank(query, docs, expert="medical")) == pytest.approx(ref, abs=1e-4)

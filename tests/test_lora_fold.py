@@ -1,0 +1,93 @@
+"""Folding a uniform batch's expert into the weight (for that call only) gives peft's per-row LoRA output, is
+used only where it is the smaller amount of work, and leaves mixed batches, the bare backbone and training to
+peft."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r2r_core.lora_fold import folds_for, install_lora_folding
+
+
+@pytest.fixture
+def peft_model(tiny_model_dir, tiny_adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(tiny_adapters["legal"]), adapter_name="legal")
+    model.load_adapter(str(tiny_adapters["medical"]), adapter_name="medical")
+    return model.eval()
+
+
+def lora_linears(model):
+    from peft.tuners.lora import Linear
+
+    return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+def peft_output(layer, x, names):
+    """What peft's own per-row path computes (the folding forward bypassed)."""
+    return type(layer).forward(layer, x, adapter_names=names)
+
+
+def test_install_is_idempotent_and_covers_every_lora_layer(peft_model):
+    n = len(lora_linears(peft_model))
+    assert n == 2 * 4  # 2 layers x q/k/v/o
+    assert install_lora_folding(peft_model) == n
+    assert install_lora_folding(peft_model) == 0
+
+
+@torch.inference_mode()
+def test_folded_uniform_batch_equals_peft_per_row_output(peft_model):
+    install_lora_folding(peft_model)
+    torch.manual_seed(0)
+    for layer in lora_linears(peft_model):
+        x = torch.randn(3, 40, layer.base_layer.in_features)
+        assert folds_for(layer, "legal", 3 * 40)
+        folded = layer(x, adapter_names=["legal"] * 3)
+        expected = peft_output(layer, x, ["legal"] * 3)
+        torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(folded, layer.base_layer(x), atol=1e-3)  # the expert does change the output
+
+
+@torch.inference_mode()
+def test_the_whole_model_gives_peft_scores_with_folding(peft_model, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok(["what does the contract say about termination " * 3] * 2, return_tensors="pt")
+    want = peft_model(**ids, adapter_names=["medical", "medical"]).logits
+    install_lora_folding(peft_model)
+    got = peft_model(**ids, adapter_names=["medical", "medical"]).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    peft_model.set_adapter("medical")
+    torch.testing.assert_close(got, peft_model(**ids).logits, atol=1e-4, rtol=1e-4)  # and set_adapter's
+
+
+def test_folding_only_where_it_is_less_work(peft_model):
+    layer = lora_linears(peft_model)[0]  # q_proj: 32 -> 32, rank 4: folding pays from 16 tokens on
+    assert layer.base_layer.in_features == layer.base_layer.out_features == 32
+    with torch.inference_mode():
+        assert folds_for(layer, "legal", 16) and not folds_for(layer, "legal", 15)
+        assert not folds_for(layer, "unknown", 1000)
+    assert not folds_for(layer, "legal", 1000)  # gradients on: training goes through peft
+
+
+@torch.inference_mode()
+def test_mixed_batches_and_the_bare_backbone_go_through_peft(peft_model, monkeypatch):
+    install_lora_folding(peft_model)
+    calls = []
+    real_addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or real_addmm(*a, **k))
+    layer = lora_linears(peft_model)[0]
+    x = torch.randn(3, 40, 32)
+    names = ["legal", "medical", "__base__"]
+    mixed = layer(x, adapter_names=names)
+    for i, name in enumerate(names):  # each row as peft computes it alone
+        torch.testing.assert_close(mixed[i : i + 1], peft_output(layer, x[i : i + 1], [name]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x, adapter_names=["__base__"] * 3), layer.base_layer(x))
+    assert not calls
+    layer(x, adapter_names=["legal"] * 3)
+    assert calls  # the uniform batch did fold
