@@ -20,8 +20,25 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark of this process (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 class PeakRss:
-    """Samples this process's RSS every few milliseconds while the block runs (torch releases the GIL)."""
+    """Peak RSS of this process while the block runs (MiB). On Linux the kernel's high-water mark is reset on
+    entry and read on exit, so nothing competes with torch's threads for the cores while it is timed; elsewhere
+    a thread samples the RSS every few milliseconds (torch releases the GIL)."""
 
     def _run(self) -> None:
         while not self._stop.wait(0.005):
@@ -29,13 +46,18 @@ class PeakRss:
 
     def __enter__(self) -> PeakRss:
         self.start = self.peak = rss_mb()
-        self._stop, self._thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._kernel = _reset_peak_rss()
+        if not self._kernel:
+            self._stop, self._thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        if self._kernel:
+            self.peak = max(self.peak, _peak_rss_mb())
+        else:
+            self._stop.set()
+            self._thread.join()
         self.peak = max(self.peak, rss_mb())
 
 
@@ -46,15 +68,17 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def matmul_peak(dtype: torch.dtype, n: int, reps: int) -> dict:
-    """GFLOP/s of an ``n x n`` torch.matmul: the best of ``reps`` (the machine's peak) and the median."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    rates = []
-    for _ in range(reps):
-        t, _ = timed(lambda: a @ b)
-        rates.append(2 * n**3 / t / 1e9)
-    return {"n": n, "gflops_peak": max(rates), "gflops_median": statistics.median(rates)}
+def matmul_peak(dtype: torch.dtype, shapes: list[tuple[int, int, int]], reps: int) -> dict:
+    """The machine's matmul peak in GFLOP/s: the best rate of ``reps`` runs of each ``(m, k, n)`` matmul, over all
+    shapes (a square one and the model's own linear layers, which can run faster than a square matmul)."""
+    per_shape = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        a @ b
+        rates = [2 * m * k * n / timed(lambda a=a, b=b: a @ b)[0] / 1e9 for _ in range(reps)]
+        per_shape[f"{m}x{k}x{n}"] = {"best": max(rates), "median": statistics.median(rates)}
+    best = max(per_shape, key=lambda s: per_shape[s]["best"])
+    return {"gflops_peak": per_shape[best]["best"], "shape": best, "shapes": per_shape}
 
 
 def spearman(a: list[float], b: list[float]) -> float:

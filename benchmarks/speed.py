@@ -18,7 +18,13 @@ and inputs:
 * ``reference``: what Qwen3-Reranker's model card does -- the whole prompt string per pair
   (``template.render``), tokenized with left padding and truncation to ``max_length``, a full forward with the
   full-vocabulary LM head of a separately loaded copy of the backbone, fixed-size batches in input order,
-  ``logits[:, -1, yes] - logits[:, -1, no]``. Experts are peft adapters switched with ``set_adapter``.
+  ``logits[:, -1, yes] - logits[:, -1, no]``. Experts: in the one-query workloads ``r2r`` routes the query
+  itself (the product path) and the reference has that expert merged into its weights (peft
+  ``merge_and_unload``: the fastest way to serve one domain, so the strictest baseline); in ``batch64`` the
+  reference switches peft adapters with ``set_adapter`` per expert group.
+
+Experts come from the bundle (the shipped default has financial, legal and medical and a router); for a bare
+``--backbone`` they are random rank-``--lora-rank`` adapters in a routed bundle built for the run.
 
 Useful FLOPs count only work that must be done: ``2 * N * tokens + 4 * L * d_attn * attended_pairs``, with
 ``N`` the non-embedding parameters, ``tokens`` the prompt prefix once per query plus document and suffix tokens
@@ -90,12 +96,25 @@ class Reference:
         self.template, self.batch_size, self.max_length = template, batch_size, max_length
         self.ids = YesNoIds.from_tokenizer(self.tokenizer, template)
         self.padded_batches: list[tuple[int, int]] = []  # (rows, width) of the last call, for executed FLOPs
+        self.merged: str | None = None  # the expert merged into the weights, if any
+
+    def merge_expert(self, name: str, path: Path) -> None:
+        """Fold one expert into this copy's weights for good (peft ``merge_and_unload``): the fastest way to
+        serve a single domain, and so the strictest baseline for workloads that use one expert."""
+        from peft import PeftModel
+
+        if self.merged is not None or isinstance(self.model, PeftModel):
+            raise RuntimeError("this reference already carries experts")
+        self.model = PeftModel.from_pretrained(self.model, str(path)).merge_and_unload().to(self.dtype).eval()
+        self.merged = name
 
     def load_experts(self, adapters: dict[str, Path]) -> None:
         from peft import PeftModel
 
         if isinstance(self.model, PeftModel):
             return
+        if self.merged is not None:
+            raise RuntimeError("this reference has an expert merged into its weights")
         for i, (name, path) in enumerate(adapters.items()):
             if i == 0:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
@@ -127,7 +146,11 @@ class Reference:
         for expert in dict.fromkeys(experts):
             qs = [i for i, e in enumerate(experts) if e == expert]
             texts = [self.prompt(instruction, queries[i], d) for i in qs for d in docs[i]]
-            if expert == BASE_ADAPTER and hasattr(self.model, "disable_adapter"):
+            if self.merged is not None or expert == BASE_ADAPTER and not hasattr(self.model, "disable_adapter"):
+                if expert != (self.merged or BASE_ADAPTER):
+                    raise ValueError(f"this reference serves {self.merged or BASE_ADAPTER!r} only, not {expert!r}")
+                flat = self._score(texts)
+            elif expert == BASE_ADAPTER:
                 with self.model.disable_adapter():
                     flat = self._score(texts)
             else:
@@ -264,6 +287,22 @@ def make_adapters(model_id: str, names: list[str], out_dir: Path, r: int, std: f
     return paths
 
 
+def bundle_path(backbone: str) -> Path | None:
+    """The bundle folder ``--backbone`` names (``"default"``: the shipped one), or None for a bare causal LM."""
+    from r2r_core.bundle import is_bundle
+    from r2r_core.reranker import DEFAULT_BUNDLE_DIR
+
+    path = DEFAULT_BUNDLE_DIR if backbone == "default" else Path(backbone)
+    return path if is_bundle(path) else None
+
+
+def base_expert_dirs(backbone: str) -> dict[str, Path]:
+    from r2r_core.bundle import read_bundle
+
+    path = bundle_path(backbone)
+    return {name: path / sub for name, sub in read_bundle(path).experts.items()}
+
+
 def make_routed_bundle(rr: R2RReranker, adapters: dict[str, Path], path: Path) -> Path:
     from r2r_core.bundle import write_bundle
 
@@ -363,8 +402,8 @@ def token_fidelity(rr: R2RReranker, ref: Reference, wl: Workload) -> int:
 
 def router_and_switch(rr: R2RReranker, docs: list[str], reps: int, switch_calls: int) -> dict:
     """route() vs rerank() of ``docs`` (rerank routes too); and the cost of changing expert between consecutive
-    calls: experts A A B B C C ... on the same query and two short documents; the median difference between a
-    call that switched and the next call (same expert again), with the standard error of that median."""
+    calls: experts A A B B C C ... on the same query and two short documents, on one thread; the median difference
+    between a call that switched and the next call (same expert again), with the standard error of that median."""
     rr.rerank(QUERY, docs[:2])
     route_t, rerank_t = [], []
     for _ in range(reps):
@@ -373,7 +412,12 @@ def router_and_switch(rr: R2RReranker, docs: list[str], reps: int, switch_calls:
     small = docs[0].split()[:24]
     small_docs = [" ".join(small), " ".join(reversed(small))]
     pattern = [EXPERTS[(i // 2) % 3] for i in range(2 * switch_calls)]  # A A B B C C ...
-    times = [timed(lambda expert=expert: rr.rerank(QUERY, small_docs, expert=expert))[0] for expert in pattern]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one OpenMP thread jitters far less: the cost sought is well under a millisecond
+    try:
+        times = [timed(lambda expert=expert: rr.rerank(QUERY, small_docs, expert=expert))[0] for expert in pattern]
+    finally:
+        torch.set_num_threads(threads)
     switch, same = times[2::2], times[3::2]  # call 2k switched expert, call 2k+1 repeated it
     diffs = [a - b for a, b in zip(switch, same)]  # paired, so drift in machine load cancels
     med = statistics.median(diffs)
@@ -389,7 +433,12 @@ def router_and_switch(rr: R2RReranker, docs: list[str], reps: int, switch_calls:
 
 def memory_probe(backbone: str, adapters: dict[str, Path], dtype: str) -> dict:
     """RSS of a fresh process with the reranker and 0, 3 and 10 experts (run as a subprocess)."""
-    rr = R2RReranker.from_pretrained(backbone, device="cpu", dtype=dtype)
+    from r2r_core.bundle import read_bundle
+    from r2r_core.templates import get_template
+
+    bundle = bundle_path(backbone)
+    model_id = read_bundle(bundle).base_model if bundle else backbone
+    rr = R2RReranker(load_backbone(model_id, device="cpu", dtype=dtype), get_template("qwen3"))  # no experts yet
     gc.collect()
     out = {"dtype": str(rr.backbone.dtype).replace("torch.", ""), "rss_mb": {0: rss_mb()}}
     names = list(adapters)
@@ -452,8 +501,8 @@ def markdown(results: dict) -> str:
              f"{m['cpu']}; {m['threads']} threads; torch {m['torch']}; transformers {m['transformers']}; "
              f"backbone {m['backbone']}; batch size {m['batch_size']}; max_length {m['max_length']}; "
              f"median of {m['reps']} repetitions.", "",
-             "Matmul peak (GFLOP/s, best of runs): " + ", ".join(
-                 f"{d} {p['gflops_peak']:.0f}" for d, p in results["matmul_peak"].items()), "",
+             "Matmul peak (GFLOP/s, best run over a square and the model's own matmul shapes): " + ", ".join(
+                 f"{d} {p['gflops_peak']:.0f} ({p['shape']})" for d, p in results["matmul_peak"].items()), "",
              f"Useful FLOPs: {m['flops_formula']}", "",
              "| workload | system | docs | median s | docs/s | speed-up vs ref fp32 | useful GFLOP/s | % peak "
              "| max abs margin diff vs ref fp32 | Spearman vs ref fp32 | peak RSS MiB (working) |",
@@ -561,44 +610,73 @@ def main(argv=None) -> int:
             "flops_formula": "2*N_nonemb*(prefix tokens once per query + doc and suffix tokens of every candidate) "
                              "+ 4*layers*d_attn*(causal token-key pairs of those tokens)"}
     results = {"meta": meta, "matmul_peak": {}, "workloads": []}
-    for d in dict.fromkeys([*args.dtypes, *args.reference_dtypes]):
-        results["matmul_peak"][d] = matmul_peak(getattr(torch, d), 2048, 3 if args.quick else 7)
-        logger.info("matmul peak %s: %.1f GFLOP/s", d, results["matmul_peak"][d]["gflops_peak"])
-
     load = dict(device="cpu", batch_size=args.batch_size, max_length=args.max_length)
     rrs = {d: R2RReranker.from_pretrained(args.backbone, dtype=d, **load) for d in args.dtypes}
     base_rr = rrs[args.dtypes[0]]
+    cfg, rows = base_rr.model.config, args.batch_size * (DOC_TOKENS + 10)  # one batch of equal-length candidates
+    shapes = [(2048, 2048, 2048), (rows, cfg.hidden_size, cfg.intermediate_size),
+              (rows, cfg.intermediate_size, cfg.hidden_size), (rows, cfg.hidden_size, cfg.hidden_size)]
+    for d in dict.fromkeys([*args.dtypes, *args.reference_dtypes]):
+        results["matmul_peak"][d] = matmul_peak(getattr(torch, d), shapes, 3 if args.quick else 7)
+        logger.info("matmul peak %s: %.1f GFLOP/s (%s)", d, results["matmul_peak"][d]["gflops_peak"],
+                    results["matmul_peak"][d]["shape"])
     meta["backbone"] = base_rr.backbone.model_id
     flops = FlopModel.from_model(base_rr.model)
     meta["non_embedding_params"] = flops.non_embedding_params
-    refs = {d: Reference(base_rr.backbone.model_id, getattr(torch, d), base_rr.template, args.batch_size,
-                         args.max_length) for d in args.reference_dtypes}
+
+    def reference(dtype: str, merged: str = BASE_ADAPTER) -> Reference:
+        ref = Reference(base_rr.backbone.model_id, getattr(torch, dtype), base_rr.template, args.batch_size,
+                        args.max_length)
+        if merged != BASE_ADAPTER:
+            ref.merge_expert(merged, expert_dirs[merged])
+        return ref
+
     pool = word_pool(base_rr.tokenizer, base_rr.template.doc_sep)
     workloads = build_workloads(base_rr, args, pool)
     if "natural100" in args.workloads and "natural100" not in workloads:
         meta["notes"].append(f"natural100 skipped: no MEDIQA data under {args.data_root} (use --data-root)")
-    adapters, routed = {}, {}
-    if {"batch64", "router", "switch", "memory"} & set(args.workloads):
-        names = EXPERTS + [f"extra{i}" for i in range(3, 10)] if "memory" in args.workloads else EXPERTS
-        adapters = make_adapters(base_rr.backbone.model_id, names, work / "adapters", args.lora_rank)
-    if {"batch64", "router", "switch"} & set(args.workloads):
-        bundle = make_routed_bundle(base_rr, adapters, work / "bundle")
+    # Experts: the bundle's own when it has the three domains and a router (the shipped default does), else
+    # random adapters in a routed bundle built here. Single-query workloads take the product path (rerank
+    # routes the query); their reference has the routed expert merged into its weights.
+    expert_dirs, routed = {}, {}
+    if set(EXPERTS) <= set(base_rr.experts) and base_rr.router is not None:
+        expert_dirs, routed = base_expert_dirs(args.backbone), rrs
+    if "memory" in args.workloads:
+        memory_adapters = make_adapters(base_rr.backbone.model_id, EXPERTS + [f"extra{i}" for i in range(3, 10)],
+                                        work / "adapters", args.lora_rank)
+    if not routed and {"batch64", "router", "switch"} & set(args.workloads):
+        adapters = memory_adapters if "memory" in args.workloads else make_adapters(
+            base_rr.backbone.model_id, EXPERTS, work / "adapters", args.lora_rank)
+        expert_dirs = {e: adapters[e] for e in EXPERTS}
+        bundle = make_routed_bundle(base_rr, expert_dirs, work / "bundle")
         routed = {d: R2RReranker.from_pretrained(bundle, dtype=d, **load) for d in args.dtypes}
 
     useful = {n: sum(flops.useful(p, t) for p, t in zip(w.tokens["prefix"], w.tokens["tails"])) / 1e9
               for n, w in workloads.items()}
+    refs: dict[tuple[str, str], Reference] = {}  # (dtype, merged expert or "peft") -> reference
     for done, (name, wl) in enumerate(workloads.items()):
-        if wl.experts is not None:
-            for ref in refs.values():
-                ref.load_experts({e: adapters[e] for e in EXPERTS})
-        systems = {f"reference/{d}": System("reference", ref.dtype, lambda w, ref=ref: ref.margins(
-            base_rr.instruction, w.queries, w.docs, w.experts), ref) for d, ref in refs.items()}
+        if wl.experts is None:  # one query, routed by r2r itself
+            key = routed[args.dtypes[0]].route(wl.queries[0]).expert if routed else BASE_ADAPTER
+            record_expert = key
+        else:
+            key, record_expert = "peft", None
+        systems = {}
+        for d in args.reference_dtypes:
+            if (d, key) not in refs:
+                refs[(d, key)] = reference(d) if key == "peft" else reference(d, key)
+                if key == "peft":
+                    refs[(d, key)].load_experts(expert_dirs)
+            ref = refs[(d, key)]
+            systems[f"reference/{d}"] = System("reference", ref.dtype, lambda w, ref=ref, e=record_expert: ref.margins(
+                base_rr.instruction, w.queries, w.docs, w.experts or [e]), ref)
         for d in args.dtypes:
-            rr = routed[d] if wl.experts is not None else rrs[d]
+            rr = routed[d] if routed else rrs[d]
             systems[f"r2r/{d}"] = System("r2r", getattr(torch, d), lambda w, rr=rr: r2r_margins(rr, w))
-        logger.info("workload %s: %d queries, %d documents, %d reps", name, len(wl.queries), wl.n_docs, args.reps)
+        logger.info("workload %s: %d queries, %d documents, %d reps, expert %s", name, len(wl.queries), wl.n_docs,
+                    args.reps, record_expert or "per query")
         record = run_workload(wl, systems, args.reps, flops, results["matmul_peak"])
-        record["token_mismatches_vs_reference"] = token_fidelity(base_rr, refs["float32"], wl)
+        record["expert"] = record_expert or "fixed per query"
+        record["token_mismatches_vs_reference"] = token_fidelity(base_rr, refs[("float32", key)], wl)
         results["workloads"].append(record)
         per_gflop = sum(e["median_s"] for e in record["systems"].values()) / useful[name]
         left = per_gflop * args.reps * sum(useful[n] for n in list(workloads)[done + 1 :])
@@ -607,10 +685,10 @@ def main(argv=None) -> int:
     if {"router", "switch"} & set(args.workloads):
         n = SIZES["router"][1 if args.quick else 0]
         docs = equal_docs(base_rr.tokenizer, base_rr.template.doc_sep, pool, n, DOC_TOKENS, seed=7)
-        results["router"] = {d: router_and_switch(routed[d], docs, args.reps, 6 if args.quick else 30)
+        results["router"] = {d: router_and_switch(routed[d], docs, args.reps, 6 if args.quick else 60)
                              for d in args.dtypes}
     if "memory" in args.workloads:
-        results["memory"] = memory_section(args, adapters)
+        results["memory"] = memory_section(args, memory_adapters)
     results["targets"] = targets(results, args.default_dtype)
     meta["notes"].append("speed-ups and score differences compare each r2r dtype with the fp32 reference; the "
                          "reference takes fixed-size batches in input order (no length sorting)")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from r2r_core.runtime import resolve_device, resolve_dtype
+from r2r_core.runtime import resolve_device, resolve_dtype, tune_cpu_allocator
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,8 @@ def load_backbone(
     if not isinstance(model_id_or_path, str) or not model_id_or_path.strip():
         raise ValueError(f"`model_id_or_path` must be a non-empty string, got {model_id_or_path!r}")
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        tune_cpu_allocator()
     dt = resolve_dtype(dtype, dev)
     checkpoint = _resolve_checkpoint(model_id_or_path)
     try:

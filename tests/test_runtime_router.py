@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from r2r_core import BASE_ADAPTER, LatentRouter
-from r2r_core.runtime import resolve_device, resolve_dtype
+from r2r_core.runtime import resolve_device, resolve_dtype, tune_cpu_allocator
 
 
 def test_device_none_picks_an_available_device():
@@ -28,6 +28,30 @@ def test_explicit_choices_win_and_unknown_strings_raise():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_allocator_tuning_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("R2R_TUNE_MALLOC", "0")
+    assert tune_cpu_allocator.__wrapped__() is False
+
+
+def test_tuned_allocator_reuses_activation_sized_buffers(monkeypatch):
+    """After tuning, a 32 MB buffer freed and allocated again is served from memory the process kept: almost
+    no page faults (glibc's default hands such blocks back to the OS: ~8,000 faults each time)."""
+    import platform
+    import resource
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the tuning applies to glibc on Linux")
+    monkeypatch.delenv("R2R_TUNE_MALLOC", raising=False)
+    assert tune_cpu_allocator.__wrapped__() is True
+    rounds = []
+    for _ in range(4):  # the least of a few rounds: one-off faults elsewhere in the process hit one round only
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            torch.empty(8 << 20).fill_(1.0)  # 32 MB
+        rounds.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert min(rounds) < 10 * 8192 // 10
 
 
 def test_router_fit_predict_threshold_and_save_load(tmp_path):
