@@ -5,9 +5,10 @@ Two forward paths share one tokenization:
 * :func:`yes_no_margins` -- the plain path: whole prompts, right-padded, one forward pass. Differentiable,
   used for training and as the reference the fast path is tested against.
 * :func:`prefix_cached_margins` -- the fast path for inference: the prefix (system, instruction, query) is
-  encoded once per query and expert, and its KV cache is reused by every candidate of that query; rows are
-  sorted by length so batches carry almost no padding; rows of different experts share a batch through peft's
-  per-row ``adapter_names``.
+  encoded once per query and expert (the prefixes of many queries in batches), and its KV cache is reused by
+  every candidate of that query; rows are sorted by expert, then length, so batches carry almost no padding and
+  rarely mix experts; rows of different experts that do share a batch are routed through peft's per-row
+  ``adapter_names``.
 
 Both read the logits at each row's last real token whatever the padding, and with :class:`YesNoHead`
 installed the LM head computes only the "yes" and "no" rows.
@@ -209,6 +210,24 @@ def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def _prefix_caches(model, prefixes, adapters, pad_token_id: int, batch_size: int, device):
+    """Per prefix, its KV cache ``[(keys, values) per layer]``, each ``[1, kv_heads, len, head_dim]``. Prefixes are
+    encoded ``batch_size`` at a time, right-padded (real tokens never see the pads of a causal model), each row
+    with its own adapter: one pass over the weights per batch instead of one per query."""
+    caches: list = [None] * len(prefixes)
+    order = sorted(range(len(prefixes)), key=lambda i: -len(prefixes[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids, mask = _right_pad([prefixes[i] for i in chunk], pad_token_id, device)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                    **_peft_kwargs(model, [adapters[i] for i in chunk]))
+        layers = _layer_kv(out.past_key_values)
+        for r, i in enumerate(chunk):
+            n = len(prefixes[i])
+            caches[i] = [(k[r : r + 1, :, :n], v[r : r + 1, :, :n]) for k, v in layers]
+    return caches
+
+
 @torch.inference_mode()
 def prefix_cached_margins(model, prefixes: Sequence[Sequence[int]], prefix_adapters: Sequence[str],
                           rows: Sequence[tuple[int, Sequence[int]]], pad_token_id: int, batch_size: int,
@@ -220,13 +239,9 @@ def prefix_cached_margins(model, prefixes: Sequence[Sequence[int]], prefix_adapt
     if not rows:
         return []
     device = next(model.parameters()).device
-    caches = []
-    for pre, adapter in zip(prefixes, prefix_adapters):
-        ids_t = torch.as_tensor([list(pre)], dtype=torch.long, device=device)
-        kw = _peft_kwargs(model, [adapter])
-        out = model(input_ids=ids_t, use_cache=True, logits_to_keep=1, **kw)
-        caches.append(_layer_kv(out.past_key_values))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][1]))
+    caches = _prefix_caches(model, prefixes, prefix_adapters, pad_token_id, batch_size, device)
+    # expert first, then length: batches rarely mix experts (so they fold, see lora_fold) and carry little padding
+    order = sorted(range(len(rows)), key=lambda i: (prefix_adapters[rows[i][0]], -len(rows[i][1])))
     margins = [0.0] * len(rows)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
