@@ -146,7 +146,7 @@ class Reference:
         for expert in dict.fromkeys(experts):
             qs = [i for i, e in enumerate(experts) if e == expert]
             texts = [self.prompt(instruction, queries[i], d) for i in qs for d in docs[i]]
-            if self.merged is not None or expert == BASE_ADAPTER and not hasattr(self.model, "disable_adapter"):
+            if self.merged is not None or not hasattr(self.model, "disable_adapter"):  # one set of weights
                 if expert != (self.merged or BASE_ADAPTER):
                     raise ValueError(f"this reference serves {self.merged or BASE_ADAPTER!r} only, not {expert!r}")
                 flat = self._score(texts)
@@ -154,8 +154,7 @@ class Reference:
                 with self.model.disable_adapter():
                     flat = self._score(texts)
             else:
-                if expert != BASE_ADAPTER:
-                    self.model.set_adapter(expert)
+                self.model.set_adapter(expert)
                 flat = self._score(texts)
             for i in qs:
                 result[i], flat = flat[: len(docs[i])], flat[len(docs[i]) :]
@@ -419,22 +418,16 @@ def router_and_switch(rr: R2RReranker, docs: list[str], reps: int, switch_calls:
     finally:
         torch.set_num_threads(threads)
     switch, same = times[2::2], times[3::2]  # call 2k switched expert, call 2k+1 repeated it
-    cost, noise = paired_switch_cost(times)
+    diffs = [a - b for a, b in zip(switch, same)]  # paired, so drift in machine load cancels
+    med = statistics.median(diffs)
     return {
         "documents": len(docs), "route_ms": 1e3 * statistics.median(route_t),
         "rerank_ms": 1e3 * statistics.median(rerank_t),
         "router_overhead_pct": 100 * statistics.median(route_t) / statistics.median(rerank_t),
         "switch_call_ms": 1e3 * statistics.median(switch), "same_call_ms": 1e3 * statistics.median(same),
-        "switch_cost_ms": cost, "switch_noise_ms": noise, "pairs": len(switch),
+        "switch_cost_ms": 1e3 * med, "pairs": len(diffs),
+        "switch_noise_ms": 1e3 * 1.4826 * 1.2533 * statistics.median(abs(d - med) for d in diffs) / len(diffs) ** 0.5,
     }
-
-
-def paired_switch_cost(times: list[float]) -> tuple[float, float]:
-    """Calls in the pattern A A B B C C ...: the median of (switching call - the repeat after it) and the standard
-    error of that median, in ms. Pairing cancels drift in machine load."""
-    diffs = [a - b for a, b in zip(times[2::2], times[3::2])]
-    med = statistics.median(diffs)
-    return 1e3 * med, 1e3 * 1.4826 * 1.2533 * statistics.median(abs(d - med) for d in diffs) / len(diffs) ** 0.5
 
 
 def memory_probe(backbone: str, adapters: dict[str, Path], dtype: str) -> dict:
@@ -630,11 +623,15 @@ def main(argv=None) -> int:
     flops = FlopModel.from_model(base_rr.model)
     meta["non_embedding_params"] = flops.non_embedding_params
 
-    def reference(dtype: str, merged: str = BASE_ADAPTER) -> Reference:
+    def reference(dtype: str, serves: str) -> Reference:
+        """A reference for ``serves``: "peft" (every expert, switched with set_adapter), "__base__", or the name
+        of the one expert merged into its weights."""
         ref = Reference(base_rr.backbone.model_id, getattr(torch, dtype), base_rr.template, args.batch_size,
                         args.max_length)
-        if merged != BASE_ADAPTER:
-            ref.merge_expert(merged, expert_dirs[merged])
+        if serves == "peft":
+            ref.load_experts(expert_dirs)
+        elif serves != BASE_ADAPTER:
+            ref.merge_expert(serves, expert_dirs[serves])
         return ref
 
     pool = word_pool(base_rr.tokenizer, base_rr.template.doc_sep)
@@ -669,9 +666,7 @@ def main(argv=None) -> int:
         systems = {}
         for d in args.reference_dtypes:
             if (d, key) not in refs:
-                refs[(d, key)] = reference(d) if key == "peft" else reference(d, key)
-                if key == "peft":
-                    refs[(d, key)].load_experts(expert_dirs)
+                refs[(d, key)] = reference(d, key)
             ref = refs[(d, key)]
             systems[f"reference/{d}"] = System("reference", ref.dtype, lambda w, ref=ref, e=record_expert: ref.margins(
                 base_rr.instruction, w.queries, w.docs, w.experts or [e]), ref)

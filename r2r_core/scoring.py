@@ -215,7 +215,7 @@ def _prefix_caches(model, prefixes, adapters, pad_token_id: int, batch_size: int
     encoded ``batch_size`` at a time, right-padded (real tokens never see the pads of a causal model), each row
     with its own adapter: one pass over the weights per batch instead of one per query."""
     caches: list = [None] * len(prefixes)
-    order = sorted(range(len(prefixes)), key=lambda i: -len(prefixes[i]))
+    order = sorted(range(len(prefixes)), key=lambda i: (adapters[i], -len(prefixes[i])))  # as the rows below
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = _right_pad([prefixes[i] for i in chunk], pad_token_id, device)
