@@ -11,15 +11,47 @@ variants (DoRA, ...) and anything with gradients go through peft unchanged.
 
 Folding does ``in * out * r`` multiply-adds once instead of ``tokens * (in + out) * r``; it is used when the
 batch has enough tokens for that to be the smaller amount of work.
+
+The layers installed here also take their rows' experts from the calling thread (:func:`thread_routing`)
+instead of from peft's ``adapter_names`` forward hooks. peft registers those hooks on the shared modules for
+the length of a call, so two forward passes at once would see each other's experts; the thread-local names
+let several threads run forward passes of one model at the same time, each with its own experts
+(:func:`r2r_core.runtime.map_batches` runs CPU batches that way).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 
-__all__ = ["folds_for", "install_lora_folding"]
+__all__ = ["folds_for", "install_lora_folding", "routes_by_thread", "thread_routing"]
 
 _MARK = "_r2r_fold_forward"
+_local = threading.local()
+
+
+@contextmanager
+def thread_routing(adapter_names: Sequence[str]) -> Iterator[None]:
+    """Within this block, the calling thread's forward passes route row ``i`` to expert ``adapter_names[i]``
+    in every layer installed by :func:`install_lora_folding` (call the model *without* ``adapter_names``).
+    Other threads are not affected."""
+    previous = getattr(_local, "names", None)
+    _local.names = list(adapter_names)
+    try:
+        yield
+    finally:
+        _local.names = previous
+
+
+def routes_by_thread(model: torch.nn.Module) -> bool:
+    """True when every LoRA layer of ``model`` takes its experts from :func:`thread_routing` (also when it has
+    none): only then may several threads run its forward passes at once."""
+    from peft.tuners.lora import LoraLayer
+
+    return all(getattr(m, _MARK, False) for m in model.modules() if isinstance(m, LoraLayer))
 
 
 def _uniform_expert(adapter_names) -> str | None:
@@ -45,6 +77,8 @@ def folds_for(layer, name: str, tokens: int) -> bool:
 
 def _folding_forward(layer, peft_forward):
     def forward(x: torch.Tensor, *args, adapter_names=None, **kwargs) -> torch.Tensor:
+        if adapter_names is None:
+            adapter_names = getattr(_local, "names", None)
         name = _uniform_expert(adapter_names)
         if name is not None and not args and not kwargs and len(x) == len(adapter_names):
             base = layer.base_layer

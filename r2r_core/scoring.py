@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from r2r_core.lora_fold import routes_by_thread, thread_routing
+from r2r_core.runtime import cpu_workers, map_batches
 from r2r_core.templates import PromptTemplate
 
 logger = logging.getLogger(__name__)
@@ -210,22 +212,77 @@ def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _prefix_caches(model, prefixes, adapters, pad_token_id: int, batch_size: int, device):
+def _routed_forward(model, adapter_names: Sequence[str], by_thread: bool, **inputs):
+    """``model(**inputs)`` with row ``i`` on expert ``adapter_names[i]``: through the calling thread's routing
+    when the model supports it (no hooks on shared modules, so batches may run in parallel), else through
+    peft's ``adapter_names``."""
+    kwargs = _peft_kwargs(model, adapter_names)  # validates the names either way
+    if by_thread and kwargs:
+        with thread_routing(adapter_names):
+            return model(**inputs)
+    return model(**inputs, **kwargs)
+
+
+def _chunks(order: list[int], batch_size: int, workers: int) -> list[list[int]]:
+    """``order`` cut into consecutive batches of near-equal size, at most ``batch_size`` each, and a multiple
+    of ``workers`` of them where there are enough rows, so parallel workers finish together."""
+    n = len(order)
+    count = -(-n // batch_size)
+    if workers > 1:
+        count = min(n, -(-max(count, workers) // workers) * workers)
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _prefix_caches(model, prefixes, adapters, pad_token_id: int, batch_size: int, device, by_thread: bool):
     """Per prefix, its KV cache ``[(keys, values) per layer]``, each ``[1, kv_heads, len, head_dim]``. Prefixes are
     encoded ``batch_size`` at a time, right-padded (real tokens never see the pads of a causal model), each row
     with its own adapter: one pass over the weights per batch instead of one per query."""
-    caches: list = [None] * len(prefixes)
     order = sorted(range(len(prefixes)), key=lambda i: (adapters[i], -len(prefixes[i])))  # as the rows below
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    chunks = _chunks(order, batch_size, cpu_workers(len(order), device) if by_thread else 1)
+
+    def encode(c: int) -> list:
+        chunk = chunks[c]
         ids, mask = _right_pad([prefixes[i] for i in chunk], pad_token_id, device)
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                    **_peft_kwargs(model, [adapters[i] for i in chunk]))
+        out = _routed_forward(model, [adapters[i] for i in chunk], by_thread, input_ids=ids, attention_mask=mask,
+                              use_cache=True, logits_to_keep=1)
         layers = _layer_kv(out.past_key_values)
-        for r, i in enumerate(chunk):
-            n = len(prefixes[i])
-            caches[i] = [(k[r : r + 1, :, :n], v[r : r + 1, :, :n]) for k, v in layers]
+        return [[(k[r : r + 1, :, : len(prefixes[i])], v[r : r + 1, :, : len(prefixes[i])]) for k, v in layers]
+                for r, i in enumerate(chunk)]
+
+    caches: list = [None] * len(prefixes)
+    for chunk, encoded in zip(chunks, _map(encode, len(chunks), device, by_thread)):
+        for i, cache in zip(chunk, encoded):
+            caches[i] = cache
     return caches
+
+
+def _map(fn, jobs: int, device, by_thread: bool) -> list:
+    if by_thread:
+        return map_batches(fn, jobs, device)
+    return [fn(i) for i in range(jobs)]
+
+
+def _prefix_kv(caches, pidx: list[int], plens: list[int], device):
+    """The prefix KV cache of one batch's rows and its attention mask (shorter prefixes left-padded)."""
+    n, pmax = len(pidx), max(plens)
+    if len(set(pidx)) == 1:
+        kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in caches[pidx[0]]]
+        return kv, torch.ones((n, pmax), dtype=torch.long, device=device)
+    kv = []
+    for layer in range(len(caches[pidx[0]])):
+        k0, v0 = caches[pidx[0]][layer]
+        k = k0.new_zeros((n, k0.shape[1], pmax, k0.shape[3]))
+        v = v0.new_zeros((n, v0.shape[1], pmax, v0.shape[3]))
+        for r, p in enumerate(pidx):
+            pk, pv = caches[p][layer]
+            k[r, :, pmax - pk.shape[2] :] = pk[0]
+            v[r, :, pmax - pv.shape[2] :] = pv[0]
+        kv.append((k, v))
+    pmask = torch.zeros((n, pmax), dtype=torch.long, device=device)
+    for r, plen in enumerate(plens):
+        pmask[r, pmax - plen :] = 1
+    return kv, pmask
 
 
 @torch.inference_mode()
@@ -233,54 +290,41 @@ def prefix_cached_margins(model, prefixes: Sequence[Sequence[int]], prefix_adapt
                           rows: Sequence[tuple[int, Sequence[int]]], pad_token_id: int, batch_size: int,
                           ids: YesNoIds | None = None) -> list[float]:
     """Margins for ``rows`` = ``[(prefix_index, tail_ids), ...]``; each prefix is encoded once (with its adapter)
-    and its KV cache extended by the tails of its rows. Returns margins in the order of ``rows``."""
+    and its KV cache extended by the tails of its rows. Returns margins in the order of ``rows``.
+
+    On a CPU with several threads, batches run side by side on worker threads (:func:`runtime.map_batches`)
+    when the model routes its experts by thread; the margins do not depend on that."""
     from transformers import DynamicCache
 
     if not rows:
         return []
     device = next(model.parameters()).device
-    caches = _prefix_caches(model, prefixes, prefix_adapters, pad_token_id, batch_size, device)
+    by_thread = routes_by_thread(model)
+    caches = _prefix_caches(model, prefixes, prefix_adapters, pad_token_id, batch_size, device, by_thread)
     # expert first, then length: batches rarely mix experts (so they fold, see lora_fold) and carry little padding
     order = sorted(range(len(rows)), key=lambda i: (prefix_adapters[rows[i][0]], -len(rows[i][1])))
-    margins = [0.0] * len(rows)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    chunks = _chunks(order, batch_size, cpu_workers(len(order), device) if by_thread else 1)
+
+    def score(c: int) -> list[float]:
+        chunk = chunks[c]
         pidx = [rows[i][0] for i in chunk]
         plens = [len(prefixes[p]) for p in pidx]
-        pmax = max(plens)
-        n = len(chunk)
-        if len(set(pidx)) == 1:
-            kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in caches[pidx[0]]]
-            pmask = torch.ones((n, pmax), dtype=torch.long, device=device)
-        else:  # rows of several queries: left-pad the shorter prefixes, masked out
-            kv = []
-            for layer in range(len(caches[pidx[0]])):
-                k0, v0 = caches[pidx[0]][layer]
-                k = k0.new_zeros((n, k0.shape[1], pmax, k0.shape[3]))
-                v = v0.new_zeros((n, v0.shape[1], pmax, v0.shape[3]))
-                for r, p in enumerate(pidx):
-                    pk, pv = caches[p][layer]
-                    k[r, :, pmax - pk.shape[2] :] = pk[0]
-                    v[r, :, pmax - pv.shape[2] :] = pv[0]
-                kv.append((k, v))
-            pmask = torch.zeros((n, pmax), dtype=torch.long, device=device)
-            for r, plen in enumerate(plens):
-                pmask[r, pmax - plen :] = 1
+        kv, pmask = _prefix_kv(caches, pidx, plens, device)
         tail_ids, tail_mask = _right_pad([rows[i][1] for i in chunk], pad_token_id, device)
         width = tail_ids.shape[1]
         position_ids = torch.as_tensor(plens, device=device)[:, None] + torch.arange(width, device=device)[None]
-        cache = DynamicCache(ddp_cache_data=kv, config=model.config)
-        adapters = [prefix_adapters[p] for p in pidx]
-        out = model(
+        out = _routed_forward(
+            model, [prefix_adapters[p] for p in pidx], by_thread,
             input_ids=tail_ids,
             attention_mask=torch.cat([pmask, tail_mask], dim=1),
             position_ids=position_ids,
-            past_key_values=cache,
+            past_key_values=DynamicCache(ddp_cache_data=kv, config=model.config),
             use_cache=True,
-            **_peft_kwargs(model, adapters),
         )
-        last = tail_mask.sum(dim=1) - 1
-        m = _margin_from_logits(out.logits, last, model, ids)
-        for i, value in zip(chunk, m.tolist()):
+        return _margin_from_logits(out.logits, tail_mask.sum(dim=1) - 1, model, ids).tolist()
+
+    margins = [0.0] * len(rows)
+    for chunk, values in zip(chunks, _map(score, len(chunks), device, by_thread)):
+        for i, value in zip(chunk, values):
             margins[i] = value
     return margins

@@ -91,3 +91,58 @@ def test_mixed_batches_and_the_bare_backbone_go_through_peft(peft_model, monkeyp
     assert not calls
     layer(x, adapter_names=["legal"] * 3)
     assert calls  # the uniform batch did fold
+
+
+@torch.inference_mode()
+def test_thread_routing_gives_peft_per_row_output_without_hooks(peft_model, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from r2r_core.lora_fold import routes_by_thread, thread_routing
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok(["what does the contract say about termination " * 3] * 3, return_tensors="pt")
+    assert not routes_by_thread(peft_model)  # peft's own layers only know adapter_names
+    for names in (["medical"] * 3, ["legal", "__base__", "medical"]):
+        want = peft_model(**ids, adapter_names=names).logits
+        install_lora_folding(peft_model)
+        assert routes_by_thread(peft_model)
+        with thread_routing(names):
+            got = peft_model(**ids).logits  # no adapter_names: no peft hooks on the shared layers
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    peft_model.set_adapter("legal")  # outside the block, the model is peft's again (its active adapter)
+    torch.testing.assert_close(peft_model(**ids).logits, peft_model(**ids, adapter_names=["legal"] * 3).logits)
+
+
+def test_threads_running_one_model_at_once_keep_their_own_experts(peft_model, tiny_model_dir):
+    """Two threads forward the same model at the same time, each with other experts, many times over: every
+    result equals that thread's experts computed alone (with peft's hooks, one thread's names leak into the
+    other's pass)."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from r2r_core.lora_fold import thread_routing
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok(["the licensee may terminate for convenience " * 4] * 2, return_tensors="pt")
+    install_lora_folding(peft_model)
+    plans = {"a": ["legal", "legal"], "b": ["medical", "__base__"]}
+    with torch.inference_mode():
+        want = {k: peft_model(**ids, adapter_names=v).logits for k, v in plans.items()}
+    assert not torch.allclose(want["a"], want["b"], atol=1e-3)
+    errors: list[str] = []
+    start = threading.Barrier(2)
+
+    def work(key: str) -> None:
+        start.wait()
+        with torch.inference_mode(), thread_routing(plans[key]):
+            for _ in range(20):
+                if not torch.allclose(peft_model(**ids).logits, want[key], atol=1e-4, rtol=1e-4):
+                    errors.append(key)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in plans]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

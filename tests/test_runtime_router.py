@@ -83,3 +83,54 @@ def test_router_validation():
         LatentRouter(["a", "b"]).fit(torch.zeros(2, 4), ["a", "z"])
     with pytest.raises(FileNotFoundError, match="router.json"):
         LatentRouter.load("/nonexistent-dir")
+
+
+def test_map_batches_runs_cpu_batches_side_by_side_and_restores_the_thread_count():
+    import threading
+
+    from r2r_core.runtime import cpu_workers, map_batches
+
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seen = []
+
+        def job(i: int) -> int:
+            seen.append((threading.current_thread().name, torch.get_num_threads(), torch.is_inference_mode_enabled()))
+            return i * i
+
+        assert map_batches(job, 6, cpu) == [0, 1, 4, 9, 16, 25]  # in job order
+        assert all(name.startswith("r2r-batch") and n == 1 and inference for name, n, inference in seen)
+        assert torch.get_num_threads() == 2  # the caller's setting is back
+        assert cpu_workers(6, cpu) == 2 and cpu_workers(1, cpu) == 1 and cpu_workers(6, torch.device("meta")) == 1
+        torch.set_num_threads(1)  # one thread: no workers, the calls run in the caller's thread
+        seen.clear()
+        assert map_batches(job, 3, cpu) == [0, 1, 4]
+        assert {name for name, _, _ in seen} == {threading.current_thread().name}
+
+        def fails(i: int) -> int:
+            if i == 2:
+                raise ValueError("batch 2 is bad")
+            return i
+
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match="batch 2 is bad"):
+            map_batches(fails, 4, cpu)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n,batch_size,workers", [(100, 16, 2), (20, 16, 2), (5, 16, 2), (7, 3, 1), (1, 4, 2),
+                                                  (33, 8, 4), (3, 16, 4)])
+def test_batches_are_balanced_bounded_and_a_multiple_of_the_workers(n, batch_size, workers):
+    from r2r_core.scoring import _chunks
+
+    order = list(range(n))[::-1]
+    chunks = _chunks(order, batch_size, workers)
+    assert [i for c in chunks for i in c] == order  # every row once, in order
+    sizes = [len(c) for c in chunks]
+    assert max(sizes) <= batch_size and max(sizes) - min(sizes) <= 1
+    assert len(chunks) % workers == 0 or len(chunks) == n  # workers finish together, unless rows run out
+    assert len(chunks) < max(-(-n // batch_size), workers) + workers  # and no more batches than that needs
