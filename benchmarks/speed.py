@@ -14,10 +14,12 @@ Systems, compared in one process on the same backbone (the offline default SmolL
 and inputs:
 
 * ``r2r``: ``R2RReranker.rerank`` / ``rerank_batch`` (prefix KV cache, yes/no-only LM head, length-sorted
-  batches, per-row LoRA experts);
+  batches run side by side on the CPU threads, per-row LoRA experts, grouped-query attention folded into the
+  sequence);
 * ``reference``: what Qwen3-Reranker's model card does -- the whole prompt string per pair
-  (``template.render``), tokenized with left padding and truncation to ``max_length``, a full forward with the
-  full-vocabulary LM head of a separately loaded copy of the backbone, fixed-size batches in input order,
+  (``template.render``), tokenized with left padding and truncation to ``max_length``, a full forward
+  (transformers' SDPA attention) with the full-vocabulary LM head of a separately loaded copy of the backbone,
+  fixed-size batches in input order,
   ``logits[:, -1, yes] - logits[:, -1, no]``. Experts: in the one-query workloads ``r2r`` routes the query
   itself (the product path) and the reference has that expert merged into its weights (peft
   ``merge_and_unload``: the fastest way to serve one domain, so the strictest baseline); in ``batch64`` the
@@ -91,6 +93,7 @@ class Reference:
 
     def __init__(self, model_id: str, dtype: torch.dtype, template, batch_size: int, max_length: int):
         backbone = load_backbone(model_id, device="cpu", dtype=dtype)
+        backbone.model.set_attn_implementation("sdpa")  # transformers' default, as the model card loads it
         self.model, self.tokenizer, self.dtype = backbone.model, backbone.tokenizer, dtype
         self.tokenizer.padding_side, self.tokenizer.truncation_side = "left", "right"
         self.template, self.batch_size, self.max_length = template, batch_size, max_length

@@ -1,10 +1,11 @@
 """Domain experts: LoRA adapters in the standard peft format, loaded once into one backbone.
 
-Experts are never switched globally: every forward pass names the adapter of each row through peft's
-``adapter_names`` (``"__base__"`` for the bare backbone), so concurrent requests of different domains
-cannot see each other's expert. A batch whose rows all use one expert runs it folded into the weights for
-that call only (:mod:`r2r_core.lora_fold`). Each expert folder may carry ``r2r_expert.json`` with the fingerprint of the
-base weights it was trained on; an expert made for a different base model is refused.
+Experts are never switched globally: every forward pass names the adapter of each row (``"__base__"`` for
+the bare backbone), through the calling thread's routing (:func:`r2r_core.lora_fold.thread_routing`) or
+peft's ``adapter_names``, so concurrent passes of different domains cannot see each other's expert. A batch
+whose rows all use one expert runs it folded into the weights for that call only (:mod:`r2r_core.lora_fold`).
+Each expert folder may carry ``r2r_expert.json`` with the fingerprint of the base weights it was trained on;
+an expert made for a different base model is refused.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Device and dtype selection: ``device=None`` picks cuda > mps > cpu, ``dtype="auto"`` picks bf16 where
-the hardware runs it fast. An explicit choice always wins, and what was picked is logged."""
+"""Where and how the model runs: ``device=None`` picks cuda > mps > cpu, ``dtype="auto"`` picks bf16 where
+the hardware runs it fast (an explicit choice always wins, and what was picked is logged); on the CPU, the
+allocator is tuned once and batches run side by side on the torch threads (:func:`map_batches`)."""
 
 from __future__ import annotations
 
