@@ -16,9 +16,11 @@ installed the LM head computes only the "yes" and "no" rows.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -33,6 +35,7 @@ __all__ = [
     "PromptEncoder",
     "YesNoHead",
     "YesNoIds",
+    "cache_kwargs",
     "encode_pair",
     "install_yes_no_head",
     "prefix_cached_margins",
@@ -208,8 +211,25 @@ def yes_no_margins(model, input_ids: Sequence[Sequence[int]], pad_token_id: int,
     return _margin_from_logits(out.logits, last, model, yn)
 
 
-def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _layer_kv(out) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(keys, values)`` of a forward's KV cache (``out.cache`` from transformers 5.24 on, before that
+    ``out.past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = out.past_key_values
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@lru_cache(maxsize=64)
+def _cache_arg_name(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` under the name the model's forward takes a KV cache by: ``cache`` from transformers 5.24
+    on (which warns about the old name), ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_cache_arg_name(type(base)): cache}
 
 
 def _routed_forward(model, adapter_names: Sequence[str], by_thread: bool, **inputs):
@@ -246,7 +266,7 @@ def _prefix_caches(model, prefixes, adapters, pad_token_id: int, batch_size: int
         ids, mask = _right_pad([prefixes[i] for i in chunk], pad_token_id, device)
         out = _routed_forward(model, [adapters[i] for i in chunk], by_thread, input_ids=ids, attention_mask=mask,
                               use_cache=True, logits_to_keep=1)
-        layers = _layer_kv(out.past_key_values)
+        layers = _layer_kv(out)
         return [[(k[r : r + 1, :, : len(prefixes[i])], v[r : r + 1, :, : len(prefixes[i])]) for k, v in layers]
                 for r, i in enumerate(chunk)]
 
@@ -318,7 +338,7 @@ def prefix_cached_margins(model, prefixes: Sequence[Sequence[int]], prefix_adapt
             input_ids=tail_ids,
             attention_mask=torch.cat([pmask, tail_mask], dim=1),
             position_ids=position_ids,
-            past_key_values=DynamicCache(ddp_cache_data=kv, config=model.config),
+            **cache_kwargs(model, DynamicCache(ddp_cache_data=kv, config=model.config)),
             use_cache=True,
         )
         return _margin_from_logits(out.logits, tail_mask.sum(dim=1) - 1, model, ids).tolist()

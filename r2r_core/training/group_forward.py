@@ -24,7 +24,7 @@ def group_margins(model, prefix: Sequence[int], tails: Sequence[Sequence[int]], 
     """
     from transformers import DynamicCache
 
-    from r2r_core.scoring import YesNoHead, _right_pad
+    from r2r_core.scoring import YesNoHead, _layer_kv, _right_pad, cache_kwargs
 
     if not prefix or not tails:
         raise ValueError(f"a group needs a non-empty prefix and >= 1 tail, got {len(prefix)} and {len(tails)}")
@@ -35,15 +35,14 @@ def group_margins(model, prefix: Sequence[int], tails: Sequence[Sequence[int]], 
         raise ValueError("yes_id and no_id are required when no YesNoHead is installed")
     pre = torch.as_tensor([list(prefix)], dtype=torch.long, device=device)
     out = model(input_ids=pre, use_cache=True, logits_to_keep=1)
-    kv = [(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
-          for layer in out.past_key_values.layers]
+    kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in _layer_kv(out)]
     cache = DynamicCache(ddp_cache_data=kv, config=model.config)
     ids, mask = _right_pad(tails, pad_token_id, device)
     plen = len(prefix)
     position_ids = plen + torch.arange(ids.shape[1], device=device)[None].expand(n, -1)
     full_mask = torch.cat([torch.ones((n, plen), dtype=mask.dtype, device=device), mask], dim=1)
-    logits = model(input_ids=ids, attention_mask=full_mask, position_ids=position_ids, past_key_values=cache,
-                   use_cache=True).logits
+    logits = model(input_ids=ids, attention_mask=full_mask, position_ids=position_ids, use_cache=True,
+                   **cache_kwargs(model, cache)).logits
     last = mask.sum(dim=1) - 1
     picked = logits[torch.arange(n, device=device), last]
     if head_only:
