@@ -46,9 +46,7 @@ def grouped_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value
             rows = torch.arange(length, device=query.device)[:, None] + (kv_length - length)
             attention_mask = (torch.arange(kv_length, device=query.device)[None, :] <= rows)[None, None]
     if attention_mask is not None:
-        m = attention_mask.expand(-1, groups, -1, -1) if attention_mask.shape[0] == batch else \
-            attention_mask.expand(batch, groups, -1, -1)
-        attention_mask = m.reshape(batch, 1, groups * length, kv_length)
+        attention_mask = attention_mask.expand(batch, groups, -1, -1).reshape(batch, 1, groups * length, kv_length)
     out = torch.nn.functional.scaled_dot_product_attention(
         query.reshape(batch, kv_heads, groups * length, dim), key, value, attn_mask=attention_mask, scale=scaling,
     )

@@ -127,20 +127,21 @@ def cpu_workers(jobs: int, device: torch.device) -> int:
     return max(1, min(torch.get_num_threads(), jobs))
 
 
-def map_batches(fn: Callable[[int], T], jobs: int, device: torch.device) -> list[T]:
-    """``[fn(0), ..., fn(jobs - 1)]``, each call in inference mode.
+def map_batches(fn: Callable[[int], T], jobs: int, workers: int) -> list[T]:
+    """``[fn(0), ..., fn(jobs - 1)]``, each call in inference mode, on ``workers`` threads at once (from
+    :func:`cpu_workers`; 1 runs them in the caller's thread).
 
-    On a CPU with several torch threads, the calls run on worker threads, a batch per worker at a time, each
-    worker with its share of the threads (one each when there are at least as many batches as threads). Small
+    The workers take a batch at a time, each with its share of the torch threads (one each when there are as
+    many workers as threads). Small
     decoder layers split poorly over threads: a batch of SmolLM2-135M's attention, norms and activations is
     many short kernels, each paying OpenMP's fork/join, so two batches side by side on one thread each get
     ~10-20% more done on two cores than one batch at a time on both. Jobs are taken in order (submit the
     longest first). The model must route experts by thread (:func:`r2r_core.lora_fold.routes_by_thread`).
 
     ``torch.set_num_threads`` is process-wide; the workers set their share and the caller's setting is put
-    back before this returns. ``torch.set_num_threads(1)`` turns the workers off.
+    back before this returns. With ``torch.set_num_threads(1)``, :func:`cpu_workers` gives one worker.
     """
-    workers = cpu_workers(jobs, device)
+    workers = max(1, min(workers, jobs))
     if workers == 1:
         with torch.inference_mode():
             return [fn(i) for i in range(jobs)]

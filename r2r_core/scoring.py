@@ -259,7 +259,8 @@ def _prefix_caches(model, prefixes, adapters, pad_token_id: int, batch_size: int
     encoded ``batch_size`` at a time, right-padded (real tokens never see the pads of a causal model), each row
     with its own adapter: one pass over the weights per batch instead of one per query."""
     order = sorted(range(len(prefixes)), key=lambda i: (adapters[i], -len(prefixes[i])))  # as the rows below
-    chunks = _chunks(order, batch_size, cpu_workers(len(order), device) if by_thread else 1)
+    workers = cpu_workers(len(order), device) if by_thread else 1
+    chunks = _chunks(order, batch_size, workers)
 
     def encode(c: int) -> list:
         chunk = chunks[c]
@@ -271,16 +272,10 @@ def _prefix_caches(model, prefixes, adapters, pad_token_id: int, batch_size: int
                 for r, i in enumerate(chunk)]
 
     caches: list = [None] * len(prefixes)
-    for chunk, encoded in zip(chunks, _map(encode, len(chunks), device, by_thread)):
+    for chunk, encoded in zip(chunks, map_batches(encode, len(chunks), workers)):
         for i, cache in zip(chunk, encoded):
             caches[i] = cache
     return caches
-
-
-def _map(fn, jobs: int, device, by_thread: bool) -> list:
-    if by_thread:
-        return map_batches(fn, jobs, device)
-    return [fn(i) for i in range(jobs)]
 
 
 def _prefix_kv(caches, pidx: list[int], plens: list[int], device):
@@ -323,7 +318,8 @@ def prefix_cached_margins(model, prefixes: Sequence[Sequence[int]], prefix_adapt
     caches = _prefix_caches(model, prefixes, prefix_adapters, pad_token_id, batch_size, device, by_thread)
     # expert first, then length: batches rarely mix experts (so they fold, see lora_fold) and carry little padding
     order = sorted(range(len(rows)), key=lambda i: (prefix_adapters[rows[i][0]], -len(rows[i][1])))
-    chunks = _chunks(order, batch_size, cpu_workers(len(order), device) if by_thread else 1)
+    workers = cpu_workers(len(order), device) if by_thread else 1
+    chunks = _chunks(order, batch_size, workers)
 
     def score(c: int) -> list[float]:
         chunk = chunks[c]
@@ -344,7 +340,7 @@ def prefix_cached_margins(model, prefixes: Sequence[Sequence[int]], prefix_adapt
         return _margin_from_logits(out.logits, tail_mask.sum(dim=1) - 1, model, ids).tolist()
 
     margins = [0.0] * len(rows)
-    for chunk, values in zip(chunks, _map(score, len(chunks), device, by_thread)):
+    for chunk, values in zip(chunks, map_batches(score, len(chunks), workers)):
         for i, value in zip(chunk, values):
             margins[i] = value
     return margins

@@ -100,13 +100,13 @@ def test_map_batches_runs_cpu_batches_side_by_side_and_restores_the_thread_count
             seen.append((threading.current_thread().name, torch.get_num_threads(), torch.is_inference_mode_enabled()))
             return i * i
 
-        assert map_batches(job, 6, cpu) == [0, 1, 4, 9, 16, 25]  # in job order
+        assert map_batches(job, 6, cpu_workers(6, cpu)) == [0, 1, 4, 9, 16, 25]  # in job order
         assert all(name.startswith("r2r-batch") and n == 1 and inference for name, n, inference in seen)
         assert torch.get_num_threads() == 2  # the caller's setting is back
         assert cpu_workers(6, cpu) == 2 and cpu_workers(1, cpu) == 1 and cpu_workers(6, torch.device("meta")) == 1
         torch.set_num_threads(1)  # one thread: no workers, the calls run in the caller's thread
         seen.clear()
-        assert map_batches(job, 3, cpu) == [0, 1, 4]
+        assert map_batches(job, 3, cpu_workers(3, cpu)) == [0, 1, 4]
         assert {name for name, _, _ in seen} == {threading.current_thread().name}
 
         def fails(i: int) -> int:
@@ -116,7 +116,7 @@ def test_map_batches_runs_cpu_batches_side_by_side_and_restores_the_thread_count
 
         torch.set_num_threads(2)
         with pytest.raises(ValueError, match="batch 2 is bad"):
-            map_batches(fails, 4, cpu)
+            map_batches(fails, 4, cpu_workers(4, cpu))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
