@@ -1,7 +1,8 @@
 """The Latent Semantic Router: ``p(d|q) = softmax(W h_q + b)`` on the frozen backbone's query encoding.
 
 ``h_q`` is the hidden state of the last token of the query (rendered in a fixed query template) at a chosen
-layer, computed with every adapter disabled (per row, through ``adapter_names="__base__"``). Features are
+layer, computed with every adapter disabled (per row, through ``adapter_names="__base__"``). The forward pass
+stops at that layer: a router on layer ``k`` of ``L`` costs ``k / L`` of a full pass over the query. Features are
 standardized with the training mean and standard deviation; the head is trained with cross-entropy and
 weight decay. Below ``threshold`` confidence a query goes to the base model (``"__base__"``), so an
 out-of-domain query loses nothing to a wrong expert. Saved as ``router.safetensors`` + ``router.json``.
@@ -13,11 +14,13 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from r2r_core.scoring import BASE_ADAPTER, _peft_kwargs, _right_pad
+from r2r_core.lora_fold import routes_by_thread
+from r2r_core.scoring import BASE_ADAPTER, _right_pad, _routed_forward
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +28,54 @@ __all__ = ["LatentRouter", "Route", "ROUTER_WEIGHTS", "ROUTER_CONFIG"]
 
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_CONFIG = "router.json"
+
+
+class _Exit(Exception):
+    """Raised by :func:`_forward_until`'s hook to end a forward pass early, carrying the layer's output."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList | None:
+    """The decoder layers of a (peft-wrapped) causal LM, or None where the architecture hides them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    layers = getattr(decoder, "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+
+def _exit_layer(layer: int, n_layers: int) -> int | None:
+    """Index of the decoder layer whose output is ``hidden_states[layer]`` (that tuple holds the embeddings,
+    then one entry per layer, the last one after the final norm), or None where a full pass is needed: the
+    last entry, the embeddings, or an index out of range."""
+    if not -(n_layers + 1) <= layer <= n_layers:
+        return None
+    k = layer % (n_layers + 1)
+    return k - 1 if 1 <= k < n_layers else None
+
+
+def _forward_until(forward, layer: torch.nn.Module) -> torch.Tensor:
+    """``forward()`` (a model's forward pass) stopped right after ``layer``; returns that layer's hidden states.
+    The hook acts only for the calling thread: other threads' passes through the same model go on untouched.
+    ``forward`` must leave nothing behind when it raises (peft's ``adapter_names`` hooks do)."""
+    import threading
+
+    owner = threading.get_ident()
+
+    def hook(module, args, output):
+        if threading.get_ident() == owner:
+            raise _Exit(output[0] if isinstance(output, tuple) else output)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        forward()
+    except _Exit as stop:
+        return stop.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"the forward pass never reached {type(layer).__name__}; cannot read the router's layer")
 
 
 @dataclass(frozen=True)
@@ -66,15 +117,25 @@ class LatentRouter:
     def encode(self, model, tokenizer, queries: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """``h_q`` for each query: [N, H] float32, from the backbone with adapters disabled."""
         device = next(model.parameters()).device
+        layers = _decoder_layers(model)
+        if layers is not None and not -(len(layers) + 1) <= self.layer <= len(layers):
+            raise ValueError(f"the router reads layer {self.layer}, but the backbone has {len(layers)} layers: "
+                             f"`layer` must be in [{-(len(layers) + 1)}, {len(layers)}] (0 = embeddings, -1 = last)")
+        by_thread = routes_by_thread(model)
+        stop = _exit_layer(self.layer, len(layers)) if layers is not None else None
+        if stop is not None and hasattr(model, "peft_config") and not by_thread:
+            stop = None  # peft's adapter_names hooks are not removed when a forward raises: no early exit
         feats = []
         for start in range(0, len(queries), batch_size):
             texts = [self.query_template.format(query=q) for q in queries[start : start + batch_size]]
             ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
             input_ids, mask = _right_pad(ids, tokenizer.pad_token_id, device)
-            kw = _peft_kwargs(model, [BASE_ADAPTER] * len(ids))
-            out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
-                        logits_to_keep=1, **kw)
-            hidden = out.hidden_states[self.layer]
+            forward = partial(_routed_forward, model, [BASE_ADAPTER] * len(ids), by_thread, input_ids=input_ids,
+                              attention_mask=mask, use_cache=False, logits_to_keep=1)
+            if stop is None:
+                hidden = forward(output_hidden_states=True).hidden_states[self.layer]
+            else:
+                hidden = _forward_until(forward, layers[stop])
             last = mask.sum(dim=1) - 1
             feats.append(hidden[torch.arange(len(ids), device=device), last].float().cpu())
         if not feats:

@@ -134,3 +134,43 @@ def test_batches_are_balanced_bounded_and_a_multiple_of_the_workers(n, batch_siz
     assert max(sizes) <= batch_size and max(sizes) - min(sizes) <= 1
     assert len(chunks) % workers == 0 or len(chunks) == n  # workers finish together, unless rows run out
     assert len(chunks) < max(-(-n // batch_size), workers) + workers  # and no more batches than that needs
+
+
+@pytest.mark.parametrize("layer", [1, -2])
+def test_router_on_an_inner_layer_stops_there_with_the_full_pass_features(tiny_reranker, monkeypatch, layer):
+    """A router on layer 1 of 2 runs only the first decoder layer, and its features equal ``hidden_states[1]`` of
+    a full pass (adapters off either way)."""
+    import r2r_core.router as router_module
+
+    model, tokenizer = tiny_reranker.model, tiny_reranker.tokenizer
+    queries = ["what does the indemnification clause cover", "side effects of metformin in adults"]
+    router = LatentRouter(["a", "b"], layer=layer)
+    layers = router_module._decoder_layers(model)
+    assert layers is not None and len(layers) == 2
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    calls = []
+    handle = layers[1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        before = hooks()
+        early = router.encode(model, tokenizer, queries)
+        assert calls == []  # the second layer never ran
+        assert hooks() == before  # and the stop left no hook behind
+        monkeypatch.setattr(router_module, "_decoder_layers", lambda m: None)  # force the full pass
+        full = router.encode(model, tokenizer, queries)
+        assert len(calls) == 1
+    finally:
+        handle.remove()
+    assert early.shape == (2, 32)
+    torch.testing.assert_close(early, full, rtol=0, atol=0)
+    margins = tiny_reranker.score("what does the indemnification clause cover", ["a clause", "a dose"], "legal")
+    assert len(margins) == 2  # the model still scores normally after stopped passes
+    # the last entry (after the final norm) still needs the full pass
+    assert router_module._exit_layer(-1, 2) is None and router_module._exit_layer(2, 2) is None
+    assert router_module._exit_layer(0, 2) is None and router_module._exit_layer(5, 2) is None
+
+
+def test_router_layer_out_of_range_is_named(tiny_reranker):
+    with pytest.raises(ValueError, match=r"layer 14, but the backbone has 2 layers"):
+        LatentRouter(["a"], layer=14).encode(tiny_reranker.model, tiny_reranker.tokenizer, ["a query"])
