@@ -195,18 +195,23 @@ def _cast_safetensors(src: Path, dst: Path, dtype: str) -> None:
 
 
 def export_bundle(src: str | Path, dst: str | Path, *, adapter_dtype: str | None = None,
-                  metadata: dict | None = None) -> Path:
+                  metadata: dict | None = None, router: LatentRouter | None = None) -> Path:
     """Copy the bundle at ``src`` to ``dst`` (atomically), optionally storing the adapters in ``adapter_dtype``.
 
     Works on files only: no model is loaded. The base fingerprint, template, instructions, router and
-    threshold are kept; ``metadata`` entries are added to the bundle's metadata.
+    threshold are kept, unless ``router`` is given: it then replaces the router, and its ``threshold`` the
+    bundle's. ``metadata`` entries are added to the bundle's metadata.
     """
     src = Path(src)
     config = read_bundle(src)
     if Path(dst).resolve() == src.resolve():
         raise ValueError(f"export_bundle needs a destination other than its source ({src})")
-    router = None
-    if config.router is not None:
+    threshold = config.threshold
+    if router is not None:
+        if not router.is_fitted:
+            raise ValueError("export_bundle: the replacement router is not fitted")
+        threshold = router.threshold
+    elif config.router is not None:
         router = LatentRouter.load(src, config.router["weights"], config.router["config"])
     meta = dict(config.metadata)
     if adapter_dtype is not None:
@@ -216,6 +221,6 @@ def export_bundle(src: str | Path, dst: str | Path, *, adapter_dtype: str | None
         dst, base_model=config.base_model, base_fingerprint=config.base_fingerprint,
         template=PromptTemplate.from_dict(config.template), instruction=config.instruction,
         experts={name: src / sub for name, sub in config.experts.items()}, router=router,
-        threshold=config.threshold, expert_instructions=config.expert_instructions, metadata=meta,
+        threshold=threshold, expert_instructions=config.expert_instructions, metadata=meta,
         adapter_dtype=adapter_dtype,
     )

@@ -111,3 +111,27 @@ def test_refuses_to_overwrite_without_resume(trained, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["train", "--data", "/nonexistent/beir", "--out", str(out / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_router_only_refits_the_router_and_copies_the_experts(trained, tmp_path, capsys):
+    from r2r_core import R2RReranker
+    from r2r_core.bundle import read_bundle
+
+    out, args = trained
+    data = args[args.index("--data") + 1]
+    refit = tmp_path / "refit"
+    base = ["train", "--recipe", str(SMOKE), "--data", data, "--router-only", str(out / "bundle"),
+            "--precision", "fp32", "--no-progress", "--set", "router.layer=1"]
+    assert main(base) == 2 and "needs --out" in capsys.readouterr().err
+    assert main([*base, "--out", str(refit)]) == 0
+    assert "router on layer 1" in capsys.readouterr().out
+    old, new = read_bundle(out / "bundle"), read_bundle(refit)
+    assert new.experts == old.experts and new.template == old.template
+    for sub in old.experts.values():
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (refit / sub / name).read_bytes() == (out / "bundle" / sub / name).read_bytes()
+    report = json.loads((refit / "router_report.json").read_text())
+    assert new.threshold == report["threshold"]["threshold"] and report["dev"]["n"] == 12
+    assert new.metadata["router_recipe"]["layer"] == 1
+    reranker = R2RReranker.from_pretrained(refit, device="cpu", dtype="float32")
+    assert reranker.router.layer == 1 and reranker.router.threshold == new.threshold

@@ -57,6 +57,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="override any recipe key, e.g. --set train.lr=2e-4 --set stage2.steps=300 (repeatable)")
     p.add_argument("--abstraction-report", nargs="?", const="-", metavar="FILE",
                    help="only curate and abstract, then print (or write to FILE) the abstraction report")
+    p.add_argument("--router-only", metavar="BUNDLE",
+                   help="only fit a new router (the recipe's [data] and [router]) for the experts of BUNDLE, and "
+                        "write --out as a copy of BUNDLE with it")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -116,6 +119,25 @@ def _abstraction_only(recipe, target: str) -> int:
     return 0
 
 
+def _router_only(recipe, args: argparse.Namespace) -> int:
+    from r2r_core.training.pipeline import refit_router
+
+    if not args.out:
+        print("r2r train: --router-only needs --out (the new bundle's folder)", file=sys.stderr)
+        return 2
+    try:
+        report = refit_router(recipe, args.router_only, args.out, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"r2r train: {exc}", file=sys.stderr)
+        return 2
+    dev = report.get("dev")
+    summary = (f"dev accuracy {dev['accuracy']:.4f} ({dev['n']} queries), macro-F1 {dev['macro_f1']:.4f}, "
+               if dev else "no dev queries, ")
+    print(f"wrote {args.out}: router on layer {recipe.router.layer}, {summary}"
+          f"threshold {report['threshold']['threshold']:.4f}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from r2r_core.training.pipeline import run_recipe
 
@@ -137,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.abstraction_report:
         return _abstraction_only(recipe, args.abstraction_report)
+    if args.router_only:
+        return _router_only(recipe, args)
     try:
         report = run_recipe(recipe, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
     except FileExistsError as exc:

@@ -297,3 +297,38 @@ def _run_recipe(recipe, *, out_dir, resume, max_steps, progress) -> dict:
     (out / "train_report.partial.json").unlink(missing_ok=True)
     logger.info("training finished in %.0fs; bundles: %s", timings["total_s"], bundles)
     return report
+
+
+def refit_router(recipe, bundle: str | Path, out: str | Path, *, progress: bool = True) -> dict:
+    """Fit a new router for the experts of ``bundle`` (the recipe's ``[data]`` and ``[router]`` sections, on the
+    bundle's backbone) and write ``out``: a copy of ``bundle`` with that router and its threshold. The experts
+    are copied unchanged. Returns the router report (also written to ``out/router_report.json``)."""
+    import torch
+
+    from r2r_core.backbone import load_backbone
+    from r2r_core.bundle import export_bundle, read_bundle
+    from r2r_core.training.router_training import train_router
+    from r2r_core.training.trainer import resolve_precision
+
+    config = read_bundle(bundle)
+    paths = recipe.resolve_data_paths()
+    if not paths:
+        raise ValueError("no data: give --data DIR (repeatable) or [data] paths in the recipe")
+    previous = torch.get_num_threads()
+    if recipe.model.threads is not None:
+        torch.set_num_threads(recipe.model.threads)
+    try:
+        train_sets = load_datasets(paths, recipe.data.train_split)
+        dev_sets = load_datasets(paths, recipe.data.dev_split, require=False) if recipe.data.dev_split else []
+        backbone = load_backbone(config.base_model, device=recipe.model.device, dtype=recipe.model.dtype,
+                                 trust_remote_code=recipe.model.trust_remote_code)
+        autocast = resolve_precision(recipe.train.precision, backbone.device)
+        router, report = train_router(backbone.model, backbone.tokenizer, train_sets, dev_sets, recipe.router,
+                                      labels=sorted(config.experts), progress=progress, autocast_dtype=autocast)
+    finally:
+        torch.set_num_threads(previous)
+    meta = {"router_threshold_rule": report["threshold"], "router_recipe": asdict(recipe.router)}
+    written = export_bundle(bundle, out, router=router, metadata=meta)
+    atomic_json(report, written / "router_report.json")
+    (written / "router_report.json").chmod(0o644)
+    return report
