@@ -200,7 +200,9 @@ def main(argv=None) -> int:
     chosen = min(r["layer"] for r in rows
                  if r["dev_accuracy"] >= last["dev_accuracy"] and r["dev_log_loss"] <= last["dev_log_loss"])
     print(f"chosen: layer {chosen} (the shallowest no worse than layer {last['layer']} on dev accuracy and log-loss)")
-    result = {"recipe": args.recipe, "train_queries": len(train), "dev_queries": len(dev), "folds": args.folds,
+    recipe_path = Path(args.recipe).resolve()
+    shown = recipe_path.relative_to(REPO) if recipe_path.is_relative_to(REPO) else recipe_path
+    result = {"recipe": str(shown), "train_queries": len(train), "dev_queries": len(dev), "folds": args.folds,
               "rule": "shallowest layer with dev accuracy >= and dev log-loss <= the last layer's",
               "chosen_layer": chosen, "layers": rows}
     del backbone
