@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -59,9 +60,8 @@ def _exit_layer(layer: int, n_layers: int) -> int | None:
 def _forward_until(forward, layer: torch.nn.Module) -> torch.Tensor:
     """``forward()`` (a model's forward pass) stopped right after ``layer``; returns that layer's hidden states.
     The hook acts only for the calling thread: other threads' passes through the same model go on untouched.
-    ``forward`` must leave nothing behind when it raises (peft's ``adapter_names`` hooks do)."""
-    import threading
-
+    ``forward`` must leave nothing behind when it raises (peft's ``adapter_names`` hooks would stay installed).
+    """
     owner = threading.get_ident()
 
     def hook(module, args, output):
