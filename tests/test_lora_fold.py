@@ -146,3 +146,18 @@ def test_threads_running_one_model_at_once_keep_their_own_experts(peft_model, ti
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_routes_by_thread_is_recomputed_when_the_adapters_change(peft_model):
+    """The answer is kept on the model, but an adapter that adds LoRA layers the folding does not cover yet (here
+    on the MLP) makes it False again, until the folding is installed on them."""
+    from peft import LoraConfig
+
+    from r2r_core.lora_fold import routes_by_thread
+
+    install_lora_folding(peft_model)
+    assert routes_by_thread(peft_model)
+    peft_model.add_adapter("mlp", LoraConfig(r=2, target_modules=["gate_proj"]))
+    assert not routes_by_thread(peft_model)
+    assert install_lora_folding(peft_model) > 0
+    assert routes_by_thread(peft_model)
