@@ -27,6 +27,8 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -101,9 +103,9 @@ class _Budget:
         return share
 
 
-def run_recipe(recipe, *, out_dir: str | Path | None = None, resume: bool = False, max_steps: int | None = None,
-               progress: bool = True) -> dict:
-    """Run a :class:`~r2r_core.training.recipe.Recipe` end to end; returns the training report."""
+@contextmanager
+def _recipe_threads(recipe) -> Iterator[None]:
+    """Torch runs on ``recipe.model.threads`` threads inside the block (when set); the caller's count after."""
     import torch
 
     previous = torch.get_num_threads()
@@ -113,9 +115,26 @@ def run_recipe(recipe, *, out_dir: str | Path | None = None, resume: bool = Fals
         torch.set_num_threads(recipe.model.threads)
         logger.info("torch threads: %d", recipe.model.threads)
     try:
-        return _run_recipe(recipe, out_dir=out_dir, resume=resume, max_steps=max_steps, progress=progress)
+        yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _recipe_data(recipe) -> tuple[list[Path], list, list]:
+    """The recipe's data folders, and its train and dev datasets (no dev split: none)."""
+    paths = recipe.resolve_data_paths()
+    if not paths:
+        raise ValueError("no data: give --data DIR (repeatable) or [data] paths in the recipe")
+    train_sets = load_datasets(paths, recipe.data.train_split)
+    dev_sets = load_datasets(paths, recipe.data.dev_split, require=False) if recipe.data.dev_split else []
+    return paths, train_sets, dev_sets
+
+
+def run_recipe(recipe, *, out_dir: str | Path | None = None, resume: bool = False, max_steps: int | None = None,
+               progress: bool = True) -> dict:
+    """Run a :class:`~r2r_core.training.recipe.Recipe` end to end; returns the training report."""
+    with _recipe_threads(recipe):
+        return _run_recipe(recipe, out_dir=out_dir, resume=resume, max_steps=max_steps, progress=progress)
 
 
 def _run_recipe(recipe, *, out_dir, resume, max_steps, progress) -> dict:
@@ -139,16 +158,12 @@ def _run_recipe(recipe, *, out_dir, resume, max_steps, progress) -> dict:
     if not resume and (out / "train_report.json").exists():
         raise FileExistsError(f"{out} already holds a finished training; pass --resume to reuse it or pick --out")
     atomic_json(recipe.to_dict(), out / "recipe.json")
-    paths = recipe.resolve_data_paths()
-    if not paths:
-        raise ValueError("no data: give --data DIR (repeatable) or [data] paths in the recipe")
-    timings: dict[str, float] = {}
-    report: dict = {"recipe": recipe.to_dict(), "data_paths": [str(p) for p in paths], "runs": {}}
 
     # ------------------------------------------------------------------ data
     t0 = time.perf_counter()
-    train_sets = load_datasets(paths, recipe.data.train_split)
-    dev_sets = load_datasets(paths, recipe.data.dev_split, require=False) if recipe.data.dev_split else []
+    paths, train_sets, dev_sets = _recipe_data(recipe)
+    timings: dict[str, float] = {}
+    report: dict = {"recipe": recipe.to_dict(), "data_paths": [str(p) for p in paths], "runs": {}}
     data_dir = out / "data"
     key = _digest({"curation": asdict(recipe.curation), "paths": [str(p) for p in paths],
                    "split": recipe.data.train_split})
@@ -303,30 +318,19 @@ def refit_router(recipe, bundle: str | Path, out: str | Path, *, progress: bool 
     """Fit a new router for the experts of ``bundle`` (the recipe's ``[data]`` and ``[router]`` sections, on the
     bundle's backbone) and write ``out``: a copy of ``bundle`` with that router and its threshold. The experts
     are copied unchanged. Returns the router report (also written to ``out/router_report.json``)."""
-    import torch
-
     from r2r_core.backbone import load_backbone
     from r2r_core.bundle import export_bundle, read_bundle
     from r2r_core.training.router_training import train_router
     from r2r_core.training.trainer import resolve_precision
 
     config = read_bundle(bundle)
-    paths = recipe.resolve_data_paths()
-    if not paths:
-        raise ValueError("no data: give --data DIR (repeatable) or [data] paths in the recipe")
-    previous = torch.get_num_threads()
-    if recipe.model.threads is not None:
-        torch.set_num_threads(recipe.model.threads)
-    try:
-        train_sets = load_datasets(paths, recipe.data.train_split)
-        dev_sets = load_datasets(paths, recipe.data.dev_split, require=False) if recipe.data.dev_split else []
+    with _recipe_threads(recipe):
+        _, train_sets, dev_sets = _recipe_data(recipe)
         backbone = load_backbone(config.base_model, device=recipe.model.device, dtype=recipe.model.dtype,
                                  trust_remote_code=recipe.model.trust_remote_code)
         autocast = resolve_precision(recipe.train.precision, backbone.device)
         router, report = train_router(backbone.model, backbone.tokenizer, train_sets, dev_sets, recipe.router,
                                       labels=sorted(config.experts), progress=progress, autocast_dtype=autocast)
-    finally:
-        torch.set_num_threads(previous)
     meta = {"router_threshold_rule": report["threshold"], "router_recipe": asdict(recipe.router)}
     written = export_bundle(bundle, out, router=router, metadata=meta)
     atomic_json(report, written / "router_report.json")
