@@ -461,16 +461,13 @@ def switch_cost_layer(rr: R2RReranker, pairs: int) -> dict:
     q/k/v/o experts folded per call, attention, MLP) run on the query's prompt prefix with experts A A B B C C
     ..., on one thread, ``2 * pairs`` times; the median paired difference (switched minus same expert again) per
     layer, and that times the layers of the two passes of a call (prefix, then documents) as the estimate for a
-    call. The layer's weights stay in
-    cache here; in a whole call every weight streams from memory whichever expert ran last, so a switch finds
-    no colder data there either."""
+    call. The layer's weights stay in cache here; in a whole call every weight streams from memory whichever
+    expert ran last, so a switch finds no colder data there either."""
     from r2r_core.lora_fold import thread_routing
-    from r2r_core.router import _decoder_layers
+    from r2r_core.router import _decoder
 
-    model = rr.model
-    layers = _decoder_layers(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder()
+    decoder = _decoder(rr.model)
+    layers = decoder.layers
     ids = rr.tokenizer(rr.template.render_prefix(rr.instruction, QUERY), add_special_tokens=False)["input_ids"]
     input_ids = torch.tensor([ids])
     position_ids = torch.arange(len(ids))[None]

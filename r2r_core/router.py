@@ -39,11 +39,15 @@ class _Exit(Exception):
         self.hidden = hidden
 
 
+def _decoder(model) -> torch.nn.Module | None:
+    """The decoder (embeddings, layers, final norm) of a (peft-wrapped) causal LM, or None where it is hidden."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+
+
 def _decoder_layers(model) -> torch.nn.ModuleList | None:
     """The decoder layers of a (peft-wrapped) causal LM, or None where the architecture hides them."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
-    layers = getattr(decoder, "layers", None)
+    layers = getattr(_decoder(model), "layers", None)
     return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
