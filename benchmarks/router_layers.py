@@ -43,19 +43,25 @@ import torch  # noqa: E402
 
 from r2r_core.router import LatentRouter  # noqa: E402
 from r2r_core.scoring import _right_pad  # noqa: E402
+from r2r_core.training.router_training import RouterConfig  # noqa: E402
 
 # the query of benchmarks/speed.py
 QUERY = "What are the common side effects of long-term metformin use in elderly patients with kidney disease?"
 
 
-def all_layer_features(model, tokenizer, template: str, texts: list[str], batch_size: int = 32) -> torch.Tensor:
-    """``[layers + 1, N, H]``: every entry of ``hidden_states`` at each query's last token (one full pass)."""
+def all_layer_features(model, tokenizer, template: str, texts: list[str], autocast: torch.dtype | None,
+                       batch_size: int = 32) -> torch.Tensor:
+    """``[layers + 1, N, H]``: every entry of ``hidden_states`` at each query's last token (one full pass),
+    under the autocast the router's training uses."""
+    from contextlib import nullcontext
+
     out = []
     for start in range(0, len(texts), batch_size):
         ids = tokenizer([template.format(query=t) for t in texts[start : start + batch_size]],
                         add_special_tokens=False)["input_ids"]
         input_ids, mask = _right_pad(ids, tokenizer.pad_token_id, model.device)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ctx = torch.autocast(model.device.type, dtype=autocast) if autocast is not None else nullcontext()
+        with torch.inference_mode(), ctx:
             hs = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
                        logits_to_keep=1).hidden_states
         rows = torch.arange(len(ids))
@@ -75,18 +81,18 @@ def log_loss(router: LatentRouter, x: torch.Tensor, y: list[str]) -> float:
     return float(-p.clamp_min(1e-12).log().mean())
 
 
-def cross_validate(labels: list[str], x: torch.Tensor, y: list[str], folds: int, seed: int,
-                   epochs: int) -> tuple[list[float], list[float]]:
+def cross_validate(labels: list[str], x: torch.Tensor, y: list[str], folds: int,
+                   config: RouterConfig) -> tuple[list[float], list[float]]:
     """Per fold: (accuracy, log-loss) of a head fitted on the other folds."""
     order = list(range(len(y)))
-    random.Random(seed).shuffle(order)
+    random.Random(config.seed).shuffle(order)
     acc, loss = [], []
     for f in range(folds):
         test = order[f::folds]
         held = set(test)
         train = [i for i in order if i not in held]
-        router = LatentRouter(labels)
-        router.fit(x[train], [y[i] for i in train], epochs=epochs, seed=seed)
+        router = LatentRouter(labels, weight_decay=config.weight_decay)
+        router.fit(x[train], [y[i] for i in train], epochs=config.epochs, lr=config.lr, seed=config.seed)
         acc.append(accuracy(router, x[test], [y[i] for i in test]))
         loss.append(log_loss(router, x[test], [y[i] for i in test]))
     return acc, loss
@@ -163,6 +169,7 @@ def main(argv=None) -> int:
     from r2r_core.training.pipeline import load_datasets
     from r2r_core.training.recipe import load_recipe
     from r2r_core.training.router_training import labelled_queries
+    from r2r_core.training.trainer import resolve_precision
 
     recipe = load_recipe(args.recipe)
     config = recipe.router
@@ -177,16 +184,17 @@ def main(argv=None) -> int:
     backbone = load_backbone(recipe.model.base, dtype=recipe.model.dtype)
     template = LatentRouter(labels).query_template
     t0 = time.perf_counter()
-    x_train = all_layer_features(backbone.model, backbone.tokenizer, template, [t for t, _, _ in train])
-    x_dev = all_layer_features(backbone.model, backbone.tokenizer, template, [t for t, _, _ in dev])
+    autocast = resolve_precision(recipe.train.precision, backbone.device)
+    x_train = all_layer_features(backbone.model, backbone.tokenizer, template, [t for t, _, _ in train], autocast)
+    x_dev = all_layer_features(backbone.model, backbone.tokenizer, template, [t for t, _, _ in dev], autocast)
     print(f"features of {x_train.shape[0]} layers encoded in {time.perf_counter() - t0:.0f} s", flush=True)
     y_train, y_dev = [d for _, d, _ in train], [d for _, d, _ in dev]
 
     rows = []
     for k in range(1, x_train.shape[0]):
-        acc, loss = cross_validate(labels, x_train[k], y_train, args.folds, config.seed, config.epochs)
+        acc, loss = cross_validate(labels, x_train[k], y_train, args.folds, config)
         router = LatentRouter(labels, weight_decay=config.weight_decay)
-        router.fit(x_train[k], y_train, epochs=config.epochs, seed=config.seed)
+        router.fit(x_train[k], y_train, epochs=config.epochs, lr=config.lr, seed=config.seed)
         rows.append({"layer": k, "cv_accuracy": statistics.mean(acc), "cv_se": statistics.stdev(acc) / len(acc) ** 0.5,
                      "cv_log_loss": statistics.mean(loss), "cv_log_loss_se": statistics.stdev(loss) / len(loss) ** 0.5,
                      "dev_accuracy": accuracy(router, x_dev[k], y_dev),
