@@ -419,6 +419,19 @@ def router_and_switch(rr: R2RReranker, docs: list[str], reps: int, switch_calls:
     }
 
 
+def switch_pattern(calls: int) -> list[str]:
+    """Experts A A B B C C A A ...: call ``2k`` switches expert, call ``2k + 1`` repeats it."""
+    return [EXPERTS[(i // 2) % 3] for i in range(calls)]
+
+
+def paired_switch_cost(times: list[float]) -> tuple[float, float]:
+    """Median over pairs of (switched call) minus (the next call, same expert again) for times taken in
+    :func:`switch_pattern` order, and the standard error of that median (robust, from the MAD)."""
+    diffs = [a - b for a, b in zip(times[2::2], times[3::2])]  # the first pair has no switch before it
+    med = statistics.median(diffs)
+    return med, 1.4826 * 1.2533 * statistics.median(abs(d - med) for d in diffs) / len(diffs) ** 0.5
+
+
 def switch_cost(rr: R2RReranker, doc: str, calls: int) -> dict:
     """The cost of changing expert between consecutive queries: calls on experts A A B B C C ... (the same query
     and one short document, on one thread), and the median over pairs of (a call that switched expert) minus
@@ -426,7 +439,7 @@ def switch_cost(rr: R2RReranker, doc: str, calls: int) -> dict:
     load cancels; timed both in wall time and in the calling thread's CPU time, which leaves out the time the
     VM's core was taken away (this machine's largest noise). One thread runs every op in the calling thread."""
     small = " ".join(doc.split()[:12])
-    pattern = [EXPERTS[(i // 2) % 3] for i in range(2 * calls)]
+    pattern = switch_pattern(2 * calls)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     wall, cpu = [], []
@@ -441,18 +454,12 @@ def switch_cost(rr: R2RReranker, doc: str, calls: int) -> dict:
     finally:
         torch.set_num_threads(threads)
 
-    def paired(times: list[float]) -> tuple[float, float]:
-        diffs = [a - b for a, b in zip(times[2::2], times[3::2])]  # call 2k switched expert, 2k+1 repeated it
-        med = statistics.median(diffs)
-        mad = statistics.median(abs(d - med) for d in diffs)
-        return 1e3 * med, 1e3 * 1.4826 * 1.2533 * mad / len(diffs) ** 0.5
-
-    cost, noise = paired(wall)
-    cpu_cost, cpu_noise = paired(cpu)
+    cost, noise = paired_switch_cost(wall)
+    cpu_cost, cpu_noise = paired_switch_cost(cpu)
     return {
         "switch_call_ms": 1e3 * statistics.median(wall[2::2]), "same_call_ms": 1e3 * statistics.median(wall[3::2]),
-        "switch_cost_ms": cost, "switch_noise_ms": noise, "pairs": len(wall) // 2 - 1,
-        "switch_cost_cpu_ms": cpu_cost, "switch_noise_cpu_ms": cpu_noise,
+        "switch_cost_ms": 1e3 * cost, "switch_noise_ms": 1e3 * noise, "pairs": len(wall) // 2 - 1,
+        "switch_cost_cpu_ms": 1e3 * cpu_cost, "switch_noise_cpu_ms": 1e3 * cpu_noise,
     }
 
 
@@ -472,7 +479,7 @@ def switch_cost_layer(rr: R2RReranker, pairs: int) -> dict:
     input_ids = torch.tensor([ids])
     position_ids = torch.arange(len(ids))[None]
     layer = layers[len(layers) // 2]
-    pattern = [EXPERTS[(i // 2) % 3] for i in range(2 * pairs)]
+    pattern = switch_pattern(2 * pairs)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times = []
@@ -493,10 +500,8 @@ def switch_cost_layer(rr: R2RReranker, pairs: int) -> dict:
                 times.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-    diffs = [a - b for a, b in zip(times[2::2], times[3::2])]
-    med = statistics.median(diffs)
-    noise = 1.4826 * 1.2533 * statistics.median(abs(d - med) for d in diffs) / len(diffs) ** 0.5
-    return {"tokens": len(ids), "pairs": len(diffs), "layer_ms": 1e3 * statistics.median(times[3::2]),
+    med, noise = paired_switch_cost(times)
+    return {"tokens": len(ids), "pairs": len(times) // 2 - 1, "layer_ms": 1e3 * statistics.median(times[3::2]),
             "switch_cost_layer_us": 1e6 * med, "switch_noise_layer_us": 1e6 * noise, "layers": len(layers),
             "switch_cost_call_ms": 2e3 * med * len(layers), "switch_noise_call_ms": 2e3 * noise * len(layers)}
 
