@@ -134,8 +134,9 @@ def map_batches(fn: Callable[[int], T], jobs: int, workers: int) -> list[T]:
     The workers take a batch at a time, each with its share of the torch threads (one each when there are as
     many workers as threads). Small decoder layers split poorly over threads: a batch of SmolLM2-135M's
     attention, norms and activations is many short kernels, each paying OpenMP's fork/join, so two batches side
-    by side on one thread each get ~10-20% more done on two cores than one batch at a time on both. Jobs are taken in order (submit the
-    longest first). The model must route experts by thread (:func:`r2r_core.lora_fold.routes_by_thread`).
+    by side on one thread each get ~10-20% more done on two cores than one batch at a time on both. Jobs are
+    taken in order (submit the longest first). The model must route experts by thread
+    (:func:`r2r_core.lora_fold.routes_by_thread`).
 
     ``torch.set_num_threads`` is process-wide; the workers set their share and the caller's setting is put
     back before this returns. With ``torch.set_num_threads(1)``, :func:`cpu_workers` gives one worker.
