@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r2r_core.attention import GROUPED_SDPA, grouped_sdpa_attention, use_grouped_attention
+from r2r_core.attention import GROUPED_SDPA, grouped_sdpa_attention, grouped_sdpa_mask, use_grouped_attention
 
 
 class _Attn(torch.nn.Module):
@@ -65,6 +65,28 @@ def test_grouped_attention_equals_sdpa(case, dtype):
         moved = grouped_sdpa_attention(module, q, k2, v2, None, scaling=0.25)[0]
         torch.testing.assert_close(moved[:, :-1], got[:, :-1], atol=0, rtol=0)
         assert not torch.allclose(moved[:, -1], got[:, -1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_masks_are_additive_and_give_sdpa_results(dtype):
+    padded = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1]]).bool()  # 5 cached keys + 3 new tokens
+    kwargs = dict(batch_size=2, q_length=3, kv_length=8, q_offset=5, attention_mask=padded, dtype=dtype)
+    with torch.no_grad():
+        additive = grouped_sdpa_mask(**kwargs)
+    boolean = grouped_sdpa_mask(**kwargs)  # gradients on (training): transformers' boolean mask, unchanged
+    assert boolean.dtype == torch.bool and additive.dtype == dtype and additive.shape == boolean.shape == (2, 1, 3, 8)
+    assert torch.equal(additive == 0, boolean) and bool((additive[~boolean] == float("-inf")).all())
+    assert not boolean[1, 0, :, :3].any() and boolean[1, 0, 0, :6].sum() == 3  # left pads hidden, causal tail
+    module = _Attn(3)
+    q, k, v = _qkv(2, 6, 2, 3, 8, dtype)
+    with torch.inference_mode():
+        got = grouped_sdpa_attention(module, q, k, v, additive, scaling=0.25)[0]
+        from_fp32 = grouped_sdpa_attention(module, q, k, v, additive.float(), scaling=0.25)[0]  # mask cast to q
+        want = _sdpa(module, q, k, v, additive, scaling=0.25)
+        with_bool = _sdpa(module, q, k, v, boolean, scaling=0.25)
+    # the same attention (to rounding: for these tiny heads the grouped problem may be tiled differently)
+    for result in (got, from_fp32, with_bool):
+        torch.testing.assert_close(result, want)
 
 
 def test_grouped_attention_steps_aside_for_training_and_single_tokens(monkeypatch):
