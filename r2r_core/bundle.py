@@ -14,14 +14,13 @@ not match the backbone it is loaded on.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from r2r_core.experts import EXPERT_META_FILE, validate_expert_name
-from r2r_core.fsutil import replace_dir
+from r2r_core.fsutil import current_umask, replace_dir
 from r2r_core.router import ROUTER_CONFIG, ROUTER_WEIGHTS, LatentRouter
 from r2r_core.runtime import DTYPES
 from r2r_core.templates import PromptTemplate
@@ -173,8 +172,7 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
 
 def _make_readable(root: Path) -> None:
     """Give the bundle the usual permissions (temporary files and folders are created private)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for p in [root, *root.rglob("*")]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 

@@ -8,7 +8,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_json", "atomic_text", "replace_dir"]
+__all__ = ["atomic_json", "atomic_text", "current_umask", "replace_dir"]
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def replace_dir(src: str | Path, dst: str | Path) -> Path:
@@ -28,7 +35,10 @@ def replace_dir(src: str | Path, dst: str | Path) -> Path:
 def _tmp_path(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:  # mkstemp makes the file private; the file it becomes gets the permissions open() would give it
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 

@@ -152,3 +152,20 @@ def test_not_a_bundle_and_bad_names(tmp_path):
         R2RReranker.from_pretrained("")
     with pytest.raises(OSError, match="Could not load the backbone"):
         R2RReranker.from_pretrained(str(tmp_path / "nothing-here"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask):
+    import os
+
+    from r2r_core.fsutil import atomic_json
+
+    previous = os.umask(umask)
+    try:
+        atomic_json({"a": 1}, tmp_path / "report.json")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    assert json.loads((tmp_path / "report.json").read_text()) == {"a": 1}
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -131,6 +131,8 @@ def test_router_only_refits_the_router_and_copies_the_experts(trained, tmp_path,
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             assert (refit / sub / name).read_bytes() == (out / "bundle" / sub / name).read_bytes()
     report = json.loads((refit / "router_report.json").read_text())
+    mode = (refit / "r2r.json").stat().st_mode & 0o777
+    assert (refit / "router_report.json").stat().st_mode & 0o777 == mode  # as readable as the rest of the bundle
     assert new.threshold == report["threshold"]["threshold"] and report["dev"]["n"] == 12
     assert new.metadata["router_recipe"]["layer"] == 1
     reranker = R2RReranker.from_pretrained(refit, device="cpu", dtype="float32")

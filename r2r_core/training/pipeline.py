@@ -334,5 +334,4 @@ def refit_router(recipe, bundle: str | Path, out: str | Path, *, progress: bool 
     meta = {"router_threshold_rule": report["threshold"], "router_recipe": asdict(recipe.router)}
     written = export_bundle(bundle, out, router=router, metadata=meta)
     atomic_json(report, written / "router_report.json")
-    (written / "router_report.json").chmod(0o644)
     return report
