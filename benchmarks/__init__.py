@@ -7,11 +7,13 @@ import gc
 import statistics
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FlopModel", "PeakRss", "matmul_peak", "rss_mb", "spearman", "timed"]
+__all__ = ["FlopModel", "PeakRss", "matmul_peak", "one_thread", "peak_shapes", "rss_mb", "spearman", "timed"]
 
 
 def rss_mb() -> float:
@@ -66,6 +68,24 @@ def timed(fn) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch runs on one thread inside the block (every op in the calling thread); the caller's count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def peak_shapes(config, tokens: int) -> list[tuple[int, int, int]]:
+    """The ``(m, k, n)`` shapes :func:`matmul_peak` tries: a 2048³ square and the model's own linear layers at
+    ``tokens`` tokens."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    return [(2048, 2048, 2048), (tokens, hidden, inner), (tokens, inner, hidden), (tokens, hidden, hidden)]
 
 
 def matmul_peak(dtype: torch.dtype, shapes: list[tuple[int, int, int]], reps: int) -> dict:

@@ -41,10 +41,10 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks import FlopModel, matmul_peak  # noqa: E402
+from benchmarks import FlopModel, matmul_peak, peak_shapes  # noqa: E402
 from benchmarks.speed import DOC_TOKENS, QUERY, equal_docs, word_pool  # noqa: E402
 from r2r_core import R2RReranker  # noqa: E402
-from r2r_core.attention import grouped_sdpa_attention  # noqa: E402
+from r2r_core.attention import grouped_sdpa_attention, grouped_sdpa_mask  # noqa: E402
 from r2r_core.router import _decoder_layers  # noqa: E402
 from r2r_core.scoring import prefix_cached_margins  # noqa: E402
 
@@ -66,18 +66,16 @@ def interleaved_medians(fns: dict, reps: int) -> dict[str, float]:
 
 
 def layer_weights(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The base weight of every linear layer of a decoder layer (LoRA factors left out)."""
+    """The base weight of every linear layer of a decoder layer (LoRA factors left out; peft's LoRA wrapper is
+    not a ``Linear``, its ``base_layer`` is)."""
     return {name.removesuffix(".base_layer"): m.weight for name, m in layer.named_modules()
-            if isinstance(m, torch.nn.Linear) and "lora_" not in name and not any(
-                isinstance(c, torch.nn.Linear) for c in m.children())}
+            if isinstance(m, torch.nn.Linear) and "lora_" not in name}
 
 
 def layer_kernels(layer: torch.nn.Module, config, rows: int, length: int, cached: int) -> dict:
     """One decoder layer's unavoidable kernels for ``rows`` sequences of ``length`` new tokens after ``cached``
     cached ones: each linear layer at that token count with the layer's own weights, and r2r's attention call
     with the engine's mask (additive, bottom-right causal)."""
-    from r2r_core.attention import grouped_sdpa_mask
-
     weights = layer_weights(layer)
     dtype = next(iter(weights.values())).dtype
     fns = {}
@@ -177,11 +175,8 @@ def main(argv=None) -> int:
     results = {"meta": {"torch": torch.__version__, "threads": 1, "doc_tokens": DOC_TOKENS}, "dtypes": {}}
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         rr = R2RReranker.from_pretrained("default", dtype=dtype, device="cpu")
-        cfg = rr.model.config
-        tokens = args.rows * (DOC_TOKENS + 10)
-        shapes = [(2048, 2048, 2048), (tokens, cfg.hidden_size, cfg.intermediate_size),
-                  (tokens, cfg.intermediate_size, cfg.hidden_size), (tokens, cfg.hidden_size, cfg.hidden_size)]
-        peak = matmul_peak(getattr(torch, dtype), shapes, args.reps)
+        peak = matmul_peak(getattr(torch, dtype), peak_shapes(rr.model.config, args.rows * (DOC_TOKENS + 10)),
+                           args.reps)
         result = measure(rr, args.rows, args.reps)
         result["peak"] = peak
         results["dtypes"][dtype] = result

@@ -58,7 +58,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from benchmarks import FlopModel, PeakRss, matmul_peak, rss_mb, spearman, timed  # noqa: E402
+from benchmarks import FlopModel, PeakRss, matmul_peak, one_thread, peak_shapes, rss_mb, spearman, timed  # noqa: E402
 from r2r_core import BASE_ADAPTER, DEFAULT_BASE, LatentRouter, R2RReranker  # noqa: E402
 from r2r_core.backbone import load_backbone, offline_default_checkpoint  # noqa: E402
 from r2r_core.runtime import resolve_dtype  # noqa: E402
@@ -440,10 +440,8 @@ def switch_cost(rr: R2RReranker, doc: str, calls: int) -> dict:
     VM's core was taken away (this machine's largest noise). One thread runs every op in the calling thread."""
     small = " ".join(doc.split()[:12])
     pattern = switch_pattern(2 * calls)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     wall, cpu = [], []
-    try:
+    with one_thread():
         for expert in pattern[:6]:  # warm-up: every expert once
             rr.rerank(QUERY, [small], expert=expert)
         for expert in pattern:
@@ -451,9 +449,6 @@ def switch_cost(rr: R2RReranker, doc: str, calls: int) -> dict:
             rr.rerank(QUERY, [small], expert=expert)
             cpu.append(time.thread_time() - c0)
             wall.append(time.perf_counter() - w0)
-    finally:
-        torch.set_num_threads(threads)
-
     cost, noise = paired_switch_cost(wall)
     cpu_cost, cpu_noise = paired_switch_cost(cpu)
     return {
@@ -480,26 +475,21 @@ def switch_cost_layer(rr: R2RReranker, pairs: int) -> dict:
     position_ids = torch.arange(len(ids))[None]
     layer = layers[len(layers) // 2]
     pattern = switch_pattern(2 * pairs)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     times = []
-    try:
-        with torch.inference_mode():
-            hidden = decoder.embed_tokens(input_ids)
-            rope = decoder.rotary_emb(hidden, position_ids)
+    with one_thread(), torch.inference_mode():
+        hidden = decoder.embed_tokens(input_ids)
+        rope = decoder.rotary_emb(hidden, position_ids)
 
-            def run(expert: str) -> None:
-                with thread_routing([expert]):
-                    layer(hidden, position_ids=position_ids, position_embeddings=rope)
+        def run(expert: str) -> None:
+            with thread_routing([expert]):
+                layer(hidden, position_ids=position_ids, position_embeddings=rope)
 
-            for expert in pattern[:12]:
-                run(expert)
-            for expert in pattern:
-                start = time.perf_counter()
-                run(expert)
-                times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
+        for expert in pattern[:12]:
+            run(expert)
+        for expert in pattern:
+            start = time.perf_counter()
+            run(expert)
+            times.append(time.perf_counter() - start)
     med, noise = paired_switch_cost(times)
     return {"tokens": len(ids), "pairs": len(times) // 2 - 1, "layer_ms": 1e3 * statistics.median(times[3::2]),
             "switch_cost_layer_us": 1e6 * med, "switch_noise_layer_us": 1e6 * noise, "layers": len(layers),
@@ -715,9 +705,7 @@ def main(argv=None) -> int:
     load = dict(device="cpu", batch_size=args.batch_size, max_length=args.max_length)
     rrs = {d: R2RReranker.from_pretrained(args.backbone, dtype=d, **load) for d in args.dtypes}
     base_rr = rrs[args.dtypes[0]]
-    cfg, rows = base_rr.model.config, args.batch_size * (DOC_TOKENS + 10)  # one batch of equal-length candidates
-    shapes = [(2048, 2048, 2048), (rows, cfg.hidden_size, cfg.intermediate_size),
-              (rows, cfg.intermediate_size, cfg.hidden_size), (rows, cfg.hidden_size, cfg.hidden_size)]
+    shapes = peak_shapes(base_rr.model.config, args.batch_size * (DOC_TOKENS + 10))  # one batch of candidates
     for d in dict.fromkeys([*args.dtypes, *args.reference_dtypes]):
         results["matmul_peak"][d] = matmul_peak(getattr(torch, d), shapes, 3 if args.quick else 7)
         logger.info("matmul peak %s: %.1f GFLOP/s (%s)", d, results["matmul_peak"][d]["gflops_peak"],
