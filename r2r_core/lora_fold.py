@@ -4,9 +4,10 @@ peft's per-row routing (``adapter_names``) gathers each expert's rows, runs its 
 scatters the result back, in every adapted layer. That is right for batches that mix experts, but the common
 batch -- all candidates of one query -- uses a single expert, and there the thin rank-r matmuls and the
 gather/scatter cost ~10% of a rerank on a CPU. For such a batch the layer here computes
-``x @ (W + s * B A)^T`` instead: the folded weight is built inside the call (one ``addmm``), used once and
-dropped. Nothing is merged into the model and nothing outlives the call, so routing stays per row and there
-is no state to switch between queries; batches with mixed experts, the bare backbone (``"__base__"``), LoRA
+``x @ (W + s * B A)^T`` instead: the folded weight is built inside the call (one ``addmm``), used once
+(through :func:`r2r_core.cpu_linear.linear`, like the backbone's own linear layers) and dropped. Nothing is
+merged into the model and nothing outlives the call, so routing stays per row and there is no state to switch
+between queries; batches with mixed experts, the bare backbone (``"__base__"``), LoRA
 variants (DoRA, ...) and anything with gradients go through peft unchanged.
 
 Folding does ``in * out * r`` multiply-adds once instead of ``tokens * (in + out) * r``; it is used when the
@@ -26,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+
+from r2r_core.cpu_linear import linear
 
 __all__ = ["folds_for", "install_lora_folding", "routes_by_thread", "thread_routing"]
 
@@ -99,7 +102,7 @@ def _folding_forward(layer, peft_forward):
                 w = base.weight
                 a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
                 folded = torch.addmm(w, b.to(w.dtype), a.to(w.dtype), alpha=layer.scaling[name])
-                return torch.nn.functional.linear(x, folded, base.bias)
+                return linear(x, folded, base.bias)
         return peft_forward(x, *args, adapter_names=adapter_names, **kwargs)
 
     return forward
