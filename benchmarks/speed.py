@@ -15,11 +15,11 @@ and inputs:
 
 * ``r2r``: ``R2RReranker.rerank`` / ``rerank_batch`` (prefix KV cache, yes/no-only LM head, length-sorted
   batches run side by side on the CPU threads, per-row LoRA experts, grouped-query attention folded into the
-  sequence);
+  sequence, fp32 linear layers on oneDNN);
 * ``reference``: what Qwen3-Reranker's model card does -- the whole prompt string per pair
   (``template.render``), tokenized with left padding and truncation to ``max_length``, a full forward
-  (transformers' SDPA attention) with the full-vocabulary LM head of a separately loaded copy of the backbone,
-  fixed-size batches in input order,
+  (transformers' SDPA attention, torch's linear layers) with the full-vocabulary LM head of a separately
+  loaded copy of the backbone, fixed-size batches in input order,
   ``logits[:, -1, yes] - logits[:, -1, no]``. Experts: in the one-query workloads ``r2r`` routes the query
   itself (the product path) and the reference has that expert merged into its weights (peft
   ``merge_and_unload``: the fastest way to serve one domain, so the strictest baseline); in ``batch64`` the
@@ -61,6 +61,7 @@ import torch  # noqa: E402
 from benchmarks import FlopModel, PeakRss, matmul_peak, one_thread, peak_shapes, rss_mb, spearman, timed  # noqa: E402
 from r2r_core import BASE_ADAPTER, DEFAULT_BASE, LatentRouter, R2RReranker  # noqa: E402
 from r2r_core.backbone import load_backbone, offline_default_checkpoint  # noqa: E402
+from r2r_core.cpu_linear import restore_linears  # noqa: E402
 from r2r_core.runtime import resolve_dtype  # noqa: E402
 from r2r_core.scoring import YesNoIds  # noqa: E402
 
@@ -94,6 +95,7 @@ class Reference:
     def __init__(self, model_id: str, dtype: torch.dtype, template, batch_size: int, max_length: int):
         backbone = load_backbone(model_id, device="cpu", dtype=dtype)
         backbone.model.set_attn_implementation("sdpa")  # transformers' default, as the model card loads it
+        restore_linears(backbone.model)  # torch's own linear layers (MKL for fp32), as the model card runs them
         self.model, self.tokenizer, self.dtype = backbone.model, backbone.tokenizer, dtype
         self.tokenizer.padding_side, self.tokenizer.truncation_side = "left", "right"
         self.template, self.batch_size, self.max_length = template, batch_size, max_length
