@@ -3,9 +3,9 @@
 PyTorch runs an fp32 ``nn.Linear`` on the CPU through its BLAS -- MKL in the official wheels -- and a bf16 one
 through oneDNN. On this project's AMD EPYC (AVX-512) MKL's sgemm reaches 84-92 GFLOP/s per core on SmolLM2's
 linear shapes and oneDNN's 100-108 (2,560 x 1,536 x 576: 152 against 211 GFLOP/s on two threads). With the
-linear layers on oneDNN an fp32 rerank is 9% faster on one thread (12 candidates of 156 tokens) and 15% faster on
-two (48 candidates, two workers); margins move by rounding only (<= 3e-5). bf16 already runs on oneDNN and is
-left as it is.
+linear layers on oneDNN an fp32 rerank is 9% faster on one thread (12 candidates of 156 tokens) and 11% faster
+on two (48 candidates, two workers); margins move by rounding only (<= 3e-5). bf16 already runs on oneDNN and
+is left as it is.
 
 :func:`use_onednn_linears` switches the ``torch.nn.Linear`` layers of a loaded model (the backbone loader does
 it); :func:`linear` is the function they call, also used for the folded expert weights of
