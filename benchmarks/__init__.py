@@ -91,10 +91,12 @@ def peak_shapes(config, tokens: int) -> list[tuple[int, int, int]]:
 def _matmul_backends(a: torch.Tensor, b: torch.Tensor) -> dict:
     """The CPU's matmul kernels for ``a @ b``: PyTorch's (MKL for fp32 in the official wheels, oneDNN for bf16)
     and oneDNN's linear op where PyTorch has it (what :mod:`r2r_core.cpu_linear` runs fp32 layers on)."""
+    from r2r_core.cpu_linear import has_onednn_linear, onednn_linear
+
     backends = {"aten": lambda: a @ b}
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if has_onednn_linear():
         w = b.t().contiguous()
-        backends["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+        backends["onednn"] = lambda: onednn_linear(a, w)
     return backends
 
 

@@ -119,17 +119,17 @@ def measure(rr: R2RReranker, rows: int, reps: int) -> dict:
     with torch.inference_mode():
         med = interleaved_medians(fns, reps)
     n_layers = cfg.num_hidden_layers
-    linear = n_layers * sum(t for name, t in med.items() if " linear " in name)
-    attention = n_layers * sum(t for name, t in med.items() if name.endswith(" attention"))
+    linear_s = n_layers * sum(t for name, t in med.items() if " linear " in name)
+    attention_s = n_layers * sum(t for name, t in med.items() if name.endswith(" attention"))
     r2r = med["r2r"]
-    linear_rate = linear_useful / linear
+    linear_rate = linear_useful / linear_s
     in_pass = profiled_shares(engine)
     return {
         "expert": expert, "rows": rows, "prefix_tokens": plen, "tail_tokens": tlen, "useful_gflop": useful / 1e9,
         "attention_share_of_useful": 1 - linear_useful / useful,
-        "seconds": {"r2r": r2r, "linear": linear, "attention": attention, "other": r2r - linear - attention},
-        "gflops": {"r2r": useful / r2r / 1e9, "kernels": useful / (linear + attention) / 1e9,
-                   "fused_attention": useful / (linear + (useful - linear_useful) / linear_rate) / 1e9,
+        "seconds": {"r2r": r2r, "linear": linear_s, "attention": attention_s, "other": r2r - linear_s - attention_s},
+        "gflops": {"r2r": useful / r2r / 1e9, "kernels": useful / (linear_s + attention_s) / 1e9,
+                   "fused_attention": useful / (linear_s + (useful - linear_useful) / linear_rate) / 1e9,
                    "linear_layers": linear_rate / 1e9},
         "per_layer_ms": {name: t * 1e3 for name, t in med.items() if name != "r2r"},
         "profiled_share_of_pass": in_pass,

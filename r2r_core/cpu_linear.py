@@ -24,10 +24,22 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["linear", "onednn_linear_available", "restore_linears", "use_onednn_linears"]
+__all__ = ["has_onednn_linear", "linear", "onednn_linear", "onednn_linear_available", "restore_linears",
+           "use_onednn_linears"]
 
 logger = logging.getLogger(__name__)
 _ENV = "R2R_ONEDNN_LINEAR"
+
+
+def has_onednn_linear() -> bool:
+    """Whether this PyTorch build has oneDNN's linear op (:func:`onednn_linear`)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN's linear op, unconditionally (CPU tensors of one dtype; see
+    :func:`has_onednn_linear`). :func:`linear` decides when to use it."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 @lru_cache(maxsize=1)
@@ -37,7 +49,7 @@ def onednn_linear_available() -> bool:
     if os.environ.get(_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
         logger.info("%s=0: fp32 linear layers stay on PyTorch's BLAS", _ENV)
         return False
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return has_onednn_linear()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -46,7 +58,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and x.device.type == "cpu" and weight.device.type == "cpu" and x.numel() > 0
             and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"))
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and onednn_linear_available()):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return onednn_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
