@@ -45,12 +45,15 @@ from r2r_core.training.checkpoint import (
     restore_rng,
 )
 from r2r_core.training.curation import TrainGroup
-from r2r_core.training.loss import group_infonce
+from r2r_core.training.loss import group_loss
 from r2r_core.training.selection import METRICS, DevQuery, evaluate_dev, metric_value
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ADAPTER_NAME", "LoraSettings", "TrainConfig", "TrainResult", "resolve_precision", "train_adapter"]
+__all__ = [
+    "ADAPTER_NAME", "LoraSettings", "RunMismatchError", "TrainConfig", "TrainResult", "check_run_settings",
+    "resolve_precision", "train_adapter",
+]
 
 ADAPTER_NAME = "default"  # peft's adapter name inside a training run
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -62,8 +65,12 @@ class LoraSettings:
     alpha: int = 64
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    top_layers: int | None = None  # adapt only the top N decoder layers (None: all); the rest run without autograd
 
     def __post_init__(self) -> None:
+        if self.top_layers is not None and (
+                isinstance(self.top_layers, bool) or not isinstance(self.top_layers, int) or self.top_layers < 1):
+            raise ValueError(f"`lora.top_layers` must be an int >= 1 or unset, got {self.top_layers!r}")
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"`lora.r` must be an int >= 1, got {self.r!r}")
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
@@ -75,12 +82,22 @@ class LoraSettings:
                 f"`lora.target_modules` must be a non-empty list of module names, got {self.target_modules!r}"
             )
 
-    def to_peft(self):
+    def layers(self, num_layers: int) -> list[int] | None:
+        """The decoder layer indices that get LoRA for a model of ``num_layers`` layers (None: all)."""
+        if self.top_layers is None or self.top_layers >= num_layers:
+            return None
+        return list(range(num_layers - self.top_layers, num_layers))
+
+    def to_peft(self, num_layers: int | None = None):
         from peft import LoraConfig
 
+        layers = self.layers(num_layers) if num_layers is not None else None
+        if self.top_layers is not None and num_layers is None:
+            raise ValueError("`lora.top_layers` needs the model's number of layers")
         return LoraConfig(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
             target_modules=list(self.target_modules), task_type="CAUSAL_LM",
+            layers_to_transform=layers,
         )
 
 
@@ -97,6 +114,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_length: int = 256
     tau: float = 1.0
+    bce_weight: float = 0.0  # weight of a pointwise BCE term on the margins beside InfoNCE (calibrates the score)
     precision: str = "auto"
     seed: int = 0
     eval_every: int = 50
@@ -121,6 +139,8 @@ class TrainConfig:
             raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio!r}")
         if not self.tau > 0:
             raise ValueError(f"`tau` must be > 0, got {self.tau!r}")
+        if not isinstance(self.bce_weight, (int, float)) or isinstance(self.bce_weight, bool) or self.bce_weight < 0:
+            raise ValueError(f"`bce_weight` must be a number >= 0, got {self.bce_weight!r}")
         if not isinstance(self.max_length, int) or self.max_length < 32:
             raise ValueError(f"`max_length` must be an int >= 32, got {self.max_length!r}")
         if self.precision not in PRECISIONS:
@@ -220,6 +240,47 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
+# Settings that may change between a run and its resumption: they do not change what is trained.
+_RESUMABLE_KEYS = ("max_time_s", "eval_batch_size", "save_every")
+
+
+def _run_settings(config: TrainConfig, groups: Sequence[TrainGroup], init_adapter) -> dict:
+    """What a run folder was made with: the config, a digest of its data, and its starting adapter."""
+    import hashlib
+
+    settings = {k: v for k, v in asdict(config).items() if k not in _RESUMABLE_KEYS}
+    ids = "\n".join(f"{g.group_id}\t{'|'.join(g.doc_ids)}" for g in groups)
+    settings["data"] = hashlib.sha256(ids.encode()).hexdigest()[:16]
+    settings["init_adapter"] = None if init_adapter is None else "/".join(Path(init_adapter).parts[-2:])
+    return json.loads(json.dumps(settings))  # tuples -> lists, as read back from JSON
+
+
+class RunMismatchError(ValueError):
+    """A run folder holds a run made with other settings than the ones asked for."""
+
+
+def check_run_settings(run_dir: Path, settings: dict) -> None:
+    """Raise :class:`RunMismatchError` naming the differing keys if ``run_dir`` was made with other settings."""
+    path = run_dir / "run_settings.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved), flat(settings)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:8])
+        raise RunMismatchError(
+            f"{run_dir} was made with other settings ({detail}); resume would mix two runs. "
+            "Use another output folder, or start fresh (resume=False / drop --resume)")
+
+
 def train_adapter(
     model,
     tokenizer,
@@ -260,12 +321,16 @@ def train_adapter(
     run_dir.mkdir(parents=True, exist_ok=True)
     done_path, ckpt_path, best_path = run_dir / "done.json", run_dir / "checkpoint.pt", run_dir / "best.safetensors"
     log_path = run_dir / "metrics.jsonl"
+    settings = _run_settings(config, groups, init_adapter)
+    if resume:
+        check_run_settings(run_dir, settings)
     if resume and done_path.is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file():
         logger.info("run %s already finished; reusing %s", name, run_dir / "adapter")
         return TrainResult(**json.loads(done_path.read_text(encoding="utf-8")))
     if not resume:
         for p in (done_path, ckpt_path, best_path, log_path):
             p.unlink(missing_ok=True)
+    atomic_json(settings, run_dir / "run_settings.json")
 
     device = next(model.parameters()).device
     autocast_dtype = resolve_precision(config.precision, device)
@@ -275,7 +340,8 @@ def train_adapter(
     pad_id = tokenizer.pad_token_id
 
     _seed_all(config.seed)
-    peft_model = get_peft_model(model, config.lora.to_peft(), adapter_name=ADAPTER_NAME)
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    peft_model = get_peft_model(model, config.lora.to_peft(num_layers), adapter_name=ADAPTER_NAME)
     try:
         if init_adapter is not None:
             weights = Path(init_adapter) / "adapter_model.safetensors"
@@ -364,15 +430,16 @@ def train_adapter(
                         prefix, tails = tokens(i)
                         with ctx():
                             margins = group_margins(peft_model, prefix, tails, pad_id)
-                        loss = group_infonce(margins.view(1, group_size), tau=config.tau) / (
-                            config.grad_accum * len(idx))
+                        loss = group_loss(margins.view(1, group_size), tau=config.tau,
+                                          bce_weight=config.bce_weight) / (config.grad_accum * len(idx))
                         loss.backward()
                         total += loss.item()
                 else:
                     seqs = [prefix + t for prefix, tails in map(tokens, idx) for t in tails]
                     with ctx():
                         margins = yes_no_margins(peft_model, seqs, pad_id)
-                    loss = group_infonce(margins.view(len(idx), group_size), tau=config.tau) / config.grad_accum
+                    loss = group_loss(margins.view(len(idx), group_size), tau=config.tau,
+                                      bce_weight=config.bce_weight) / config.grad_accum
                     loss.backward()
                     total += loss.item()
             grad_norm = None
