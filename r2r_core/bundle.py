@@ -23,6 +23,7 @@ from r2r_core.experts import EXPERT_META_FILE, validate_expert_name
 from r2r_core.fsutil import current_umask, replace_dir
 from r2r_core.router import ROUTER_CONFIG, ROUTER_WEIGHTS, LatentRouter
 from r2r_core.runtime import DTYPES
+from r2r_core.scoring import BASE_ADAPTER
 from r2r_core.templates import PromptTemplate
 
 __all__ = [
@@ -50,6 +51,7 @@ class BundleConfig:
     experts: dict[str, str] = field(default_factory=dict)
     router: dict | None = None  # {"weights": "router.safetensors", "config": "router.json"}
     threshold: float | None = None
+    fallback: str = BASE_ADAPTER  # the expert for queries the router is not confident about
     format_version: int = FORMAT_VERSION
     metadata: dict = field(default_factory=dict)
 
@@ -73,6 +75,9 @@ class BundleConfig:
             raise ValueError(f"router must be {{'weights': ..., 'config': ...}} or null, got {self.router!r}")
         if self.threshold is not None and not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold!r}")
+        if self.fallback != BASE_ADAPTER and self.fallback not in self.experts:
+            raise ValueError(f"fallback must be {BASE_ADAPTER!r} or one of the experts {sorted(self.experts)}, "
+                             f"got {self.fallback!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -116,13 +121,14 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
                  instruction: str | None = None, experts: dict[str, str | Path] | None = None,
                  router: LatentRouter | None = None, threshold: float | None = None,
                  expert_instructions: dict[str, str] | None = None, metadata: dict | None = None,
-                 adapter_dtype: str | None = None) -> Path:
+                 adapter_dtype: str | None = None, fallback: str = BASE_ADAPTER) -> Path:
     """Write a complete bundle atomically (built in a temporary folder, then moved into place).
 
     ``experts`` maps names to peft adapter folders, which are copied to ``experts/<name>/`` along with an
     ``r2r_expert.json`` recording the base model and its fingerprint. ``adapter_dtype`` ("bfloat16",
     "float16", "float32") stores the adapters' floating-point weights in that dtype instead of copying them
     as they are: bf16 halves an fp32 adapter; experts are cast back to the backbone's dtype on load.
+    ``fallback`` names the expert for queries routed below the threshold (``"__base__"``: the backbone).
     """
     root = Path(path)
     if adapter_dtype is not None and adapter_dtype not in DTYPES:
@@ -159,7 +165,7 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
         config = BundleConfig(
             base_model=base_model, base_fingerprint=base_fingerprint, template=template.to_dict(),
             instruction=instruction, expert_instructions=dict(expert_instructions or {}), experts=sub_paths,
-            router=router_entry, threshold=threshold, metadata=dict(metadata or {}),
+            router=router_entry, threshold=threshold, fallback=fallback, metadata=dict(metadata or {}),
         )
         (tmp / BUNDLE_FILE).write_text(config.to_json(), encoding="utf-8")
         _make_readable(tmp)
@@ -220,5 +226,5 @@ def export_bundle(src: str | Path, dst: str | Path, *, adapter_dtype: str | None
         template=PromptTemplate.from_dict(config.template), instruction=config.instruction,
         experts={name: src / sub for name, sub in config.experts.items()}, router=router,
         threshold=threshold, expert_instructions=config.expert_instructions, metadata=meta,
-        adapter_dtype=adapter_dtype,
+        adapter_dtype=adapter_dtype, fallback=config.fallback,
     )

@@ -85,7 +85,7 @@ class R2RReranker:
 
     def __init__(self, backbone: Backbone, template: PromptTemplate, *, instruction: str | None = None,
                  router: LatentRouter | None = None, threshold: float | None = None, batch_size: int = 16,
-                 max_length: int = 512, use_prefix_cache: bool = True):
+                 max_length: int = 512, use_prefix_cache: bool = True, fallback: str = BASE_ADAPTER):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
         self.backbone = backbone
@@ -98,6 +98,7 @@ class R2RReranker:
         self._experts = ExpertSet(backbone.model, backbone.fingerprint)
         self.router = router
         self.threshold = threshold
+        self._fallback = fallback
         self.use_prefix_cache = use_prefix_cache
         self._lock = threading.RLock()
         self._sources: dict[str, Path] = {}
@@ -143,6 +144,7 @@ class R2RReranker:
                    batch_size=kwargs["batch_size"], max_length=kwargs["max_length"])
         for name, sub in config.experts.items():
             self.add_expert(name, path / sub, instruction=config.expert_instructions.get(name))
+        self.fallback = config.fallback
         if router is not None:
             missing = sorted(set(router.labels) - set(self.experts))
             if missing:
@@ -160,7 +162,7 @@ class R2RReranker:
                 template=self.template, instruction=self.instruction, experts=dict(self._sources),
                 router=self.router, threshold=self.threshold,
                 expert_instructions={n: i for n in self.experts if (i := self._experts.instruction(n))},
-                adapter_dtype=adapter_dtype,
+                adapter_dtype=adapter_dtype, fallback=self._fallback,
             )
 
     # ------------------------------------------------------------------ experts
@@ -182,21 +184,41 @@ class R2RReranker:
             self._sources[name] = Path(adapter_dir)
 
     def remove_expert(self, name: str) -> None:
+        """Unload expert ``name``. Refused while the router routes to it or it is the fallback: a removed
+        expert's queries would otherwise be scored by another model under its name."""
         with self._lock:
+            if self.router is not None and name in self.router.labels:
+                raise ValueError(f"expert {name!r} is a route of the router ({self.router.labels}); refit the "
+                                 "router without it (r2r train --router-only) or drop the router first "
+                                 "(reranker.router = None)")
+            if name == self._fallback:
+                raise ValueError(f"expert {name!r} is the fallback; set reranker.fallback to another expert "
+                                 "or '__base__' first")
             self._experts.remove(name)
             del self._sources[name]
 
     # ------------------------------------------------------------------ routing
+    @property
+    def fallback(self) -> str:
+        """The expert for queries the router is not confident about (``"__base__"``: the backbone alone)."""
+        return self._fallback
+
+    @fallback.setter
+    def fallback(self, name: str) -> None:
+        if name != BASE_ADAPTER:
+            self._experts.check(name)
+        self._fallback = name
+
     def route(self, query: str) -> Route:
-        """The expert the router picks for ``query`` (``"__base__"`` without a router or below threshold)."""
+        """The expert the router picks for ``query``: :attr:`fallback` without a router or below threshold."""
         return self._route_many([_check_query(query)])[0]
 
     def _route_many(self, queries: list[str]) -> list[Route]:
         if self.router is None:
-            return [Route(BASE_ADAPTER, {}) for _ in queries]
+            return [Route(self._fallback, {}) for _ in queries]
         with self._lock:
             feats = self.router.encode(self.model, self.tokenizer, queries, batch_size=self.batch_size)
-        return self.router.route_features(feats, self.threshold)
+        return self.router.route_features(feats, self.threshold, self._fallback)
 
     def _instruction_for(self, expert: str) -> str:
         return (self._experts.instruction(expert) if expert != BASE_ADAPTER else None) or self.instruction

@@ -188,13 +188,15 @@ class LatentRouter:
             raise ValueError(f"features have size {features.shape[-1]}, the router expects {self.weight.shape[1]}")
         return torch.softmax(self._standardize(features) @ self.weight.T + self.bias, dim=-1)
 
-    def route_features(self, features: torch.Tensor, threshold: float | None = None) -> list[Route]:
+    def route_features(self, features: torch.Tensor, threshold: float | None = None,
+                       fallback: str = BASE_ADAPTER) -> list[Route]:
+        """One :class:`Route` per row: the most probable label, or ``fallback`` below ``threshold``."""
         thr = self.threshold if threshold is None else threshold
         routes = []
         for row in self.predict_proba(features):
             probs = {lab: float(p) for lab, p in zip(self.labels, row)}
             best = max(probs, key=probs.get)
-            routes.append(Route(best if probs[best] >= thr else BASE_ADAPTER, probs))
+            routes.append(Route(best if probs[best] >= thr else fallback, probs))
         return routes
 
     # ------------------------------------------------------------------ persistence
