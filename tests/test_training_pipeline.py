@@ -35,8 +35,11 @@ def test_bundle_loads_and_routes_its_training_queries(trained):
 
     out, _ = trained
     reranker = R2RReranker.from_pretrained(out / "bundle", device="cpu", dtype="float32")
-    assert sorted(reranker.experts) == ["financial", "legal", "medical"]
-    assert reranker.router is not None
+    assert sorted(reranker.experts) == ["financial", "general", "legal", "medical"]
+    assert reranker.router is not None and sorted(reranker.router.labels) == ["financial", "legal", "medical"]
+    assert reranker.fallback == "general"  # Stage 1's generalist takes the queries the router is unsure of
+    general = (out / "bundle" / "experts" / "general" / "adapter_model.safetensors").read_bytes()
+    assert general == (out / "runs" / "stage1-eag" / "adapter" / "adapter_model.safetensors").read_bytes()
     data = [load_beir(f, "train") for f in find_datasets(out.parent / "data")]
     for ds in data:
         for q in ds.queries.values():
@@ -137,3 +140,32 @@ def test_router_only_refits_the_router_and_copies_the_experts(trained, tmp_path,
     assert new.metadata["router_recipe"]["layer"] == 1
     reranker = R2RReranker.from_pretrained(refit, device="cpu", dtype="float32")
     assert reranker.router.layer == 1 and reranker.router.threshold == new.threshold
+
+
+def test_warm_start_from_the_shipped_generalist(trained, tmp_path, monkeypatch):
+    """Without a run folder, Stage 1 starts from the shipped bundle's `general` expert when its LoRA matches."""
+    import r2r_core.reranker
+
+    out, args = trained
+    monkeypatch.setattr(r2r_core.reranker, "DEFAULT_BUNDLE_DIR", out / "bundle")
+    warm = tmp_path / "warm"
+    cmd = [a if a != str(out) else str(warm) for a in args if a not in ("--ablations", "single-lora", "direct-ft")]
+    assert main([*cmd, "--set", "output.warm_start=true", "--max-steps", "1"]) == 0
+    settings = json.loads((warm / "runs" / "stage1-eag" / "run_settings.json").read_text())
+    assert settings["init_adapter"] == "experts/general"
+    first = json.loads((out / "train_report.json").read_text())["runs"]["stage1-eag"]
+    again = json.loads((warm / "train_report.json").read_text())["runs"]["stage1-eag"]
+    # step 0 of the warm run evaluates the shipped generalist: the first run's best checkpoint, same dev set
+    assert again["start_metric"] == pytest.approx(first["best_metric"], abs=1e-6)
+    # other LoRA settings than the shipped ones: no warm start
+    cold = tmp_path / "cold"
+    cmd = [a if a != str(warm) else str(cold) for a in cmd]
+    assert main([*cmd, "--set", "output.warm_start=true", "--set", "train.lora.r=2", "--max-steps", "1"]) == 0
+    assert json.loads((cold / "runs" / "stage1-eag" / "run_settings.json").read_text())["init_adapter"] is None
+    # a run folder that started cold resumes cold once warm_start is on, and a warm one resumes warm
+    plain = tmp_path / "plain"
+    cmd = [a if a != str(cold) else str(plain) for a in cmd]
+    assert main([*cmd, "--max-steps", "1"]) == 0
+    assert main([*cmd, "--max-steps", "1", "--set", "output.warm_start=true", "--resume"]) == 0
+    cmd = [a if a != str(plain) else str(warm) for a in cmd]
+    assert main([*cmd, "--max-steps", "1", "--set", "output.warm_start=true", "--resume"]) == 0

@@ -32,11 +32,14 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from r2r_core.scoring import BASE_ADAPTER
 from r2r_core.training.checkpoint import atomic_json, atomic_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_datasets", "run_recipe"]
+__all__ = ["GENERAL_EXPERT", "load_datasets", "run_recipe"]
+
+GENERAL_EXPERT = "general"  # the bundle's generalist expert: Stage 1's adapter, the router's fallback
 
 
 def _digest(data) -> str:
@@ -128,6 +131,40 @@ def _recipe_data(recipe) -> tuple[list[Path], list, list]:
     train_sets = load_datasets(paths, recipe.data.train_split)
     dev_sets = load_datasets(paths, recipe.data.dev_split, require=False) if recipe.data.dev_split else []
     return paths, train_sets, dev_sets
+
+
+def _warm_start_adapter(recipe) -> Path | None:
+    """The shipped default bundle's generalist, if it was trained on the recipe's base with its LoRA settings."""
+    from r2r_core.bundle import is_bundle, read_bundle
+    from r2r_core.reranker import DEFAULT_BUNDLE_DIR
+
+    if not is_bundle(DEFAULT_BUNDLE_DIR):
+        return None
+    config = read_bundle(DEFAULT_BUNDLE_DIR)
+    if config.base_model != recipe.model.base or GENERAL_EXPERT not in config.experts:
+        return None
+    folder = DEFAULT_BUNDLE_DIR / config.experts[GENERAL_EXPERT]
+    saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    lora = recipe.train.lora
+    if (saved.get("r"), saved.get("lora_alpha"), sorted(saved.get("target_modules") or [])) != (
+            lora.r, lora.alpha, sorted(lora.target_modules)):
+        logger.info("no warm start: the shipped generalist has other LoRA settings than the recipe")
+        return None
+    layers = saved.get("layers_to_transform")
+    if (None if layers is None else len(layers)) != lora.top_layers:
+        logger.info("no warm start: the shipped generalist adapts other layers than the recipe")
+        return None
+    return folder
+
+
+def _warm_for(run_dir: Path, warm: Path) -> Path | None:
+    """``warm`` for a new run folder, or for one that was warm-started; None for one that started cold."""
+    settings = run_dir / "run_settings.json"
+    if settings.is_file():
+        saved = json.loads(settings.read_text(encoding="utf-8")).get("init_adapter")
+        return warm if saved == "/".join(warm.parts[-2:]) else None
+    logger.info("run %s: warm start from the shipped generalist %s", run_dir.name, warm)
+    return warm
 
 
 def run_recipe(recipe, *, out_dir: str | Path | None = None, resume: bool = False, max_steps: int | None = None,
@@ -260,11 +297,14 @@ def _run_recipe(recipe, *, out_dir, resume, max_steps, progress) -> dict:
 
     # ------------------------------------------------------------------ training runs
     results = {}
+    warm = _warm_start_adapter(recipe) if recipe.output.warm_start else None
     for name, stage, run_groups, run_dev, init in plan:
         c = cfg(stage)
         c.max_time_s = budget.for_run(c.steps)
         run_groups = stage1_groups if run_groups is None else run_groups
         init_dir = Path(results[init].adapter_dir) if init else None
+        if init_dir is None and warm is not None and stage in ("stage1", "single_lora"):
+            init_dir = _warm_for(out / "runs" / name, warm)
         logger.info("run %s: %d groups, %d dev queries, %d steps", name, len(run_groups), len(run_dev), c.steps)
         t0 = time.perf_counter()
         res = train_adapter(model, tokenizer, template, instruction, run_groups, c, out / "runs" / name,
@@ -280,17 +320,20 @@ def _run_recipe(recipe, *, out_dir, resume, max_steps, progress) -> dict:
     threshold = router_report["threshold"]["threshold"]
     bundles = {}
 
-    def write(path: Path, experts: dict, with_router: bool, runs: list[str]) -> None:
+    def write(path: Path, experts: dict, with_router: bool, runs: list[str], fallback: str = BASE_ADAPTER) -> None:
         meta = {"recipe": recipe.source, "runs": runs, "router_threshold_rule": router_report["threshold"]}
         write_bundle(path, experts=experts, router=router if with_router else None,
-                     threshold=threshold if with_router else None, metadata=meta, **bundle_args)
+                     threshold=threshold if with_router else None, metadata=meta, fallback=fallback, **bundle_args)
         sub = {k: report["runs"][k] for k in runs}
         atomic_json({"runs": sub, "router": router_report, "recipe": recipe.to_dict()}, path / "training_report.json")
         bundles[path.name if path.parent.name == "ablations" else "r2r"] = str(path)
 
     if recipe.output.stage1:
-        write(out / "bundle", {d: results[f"stage2-{d}"].adapter_dir for d in domains}, True,
-              ["stage1-eag", *[f"stage2-{d}" for d in domains]])
+        experts = {d: results[f"stage2-{d}"].adapter_dir for d in domains}
+        if recipe.output.general_expert:  # Stage 1's generalist serves the queries the router is unsure of
+            experts[GENERAL_EXPERT] = results["stage1-eag"].adapter_dir
+        write(out / "bundle", experts, True, ["stage1-eag", *[f"stage2-{d}" for d in domains]],
+              fallback=GENERAL_EXPERT if recipe.output.general_expert else BASE_ADAPTER)
     if "direct-ft" in recipe.output.ablations or not recipe.output.stage1:
         target = out / "ablations" / "direct-ft" if recipe.output.stage1 else out / "bundle"
         write(target, {d: results[f"direct-{d}"].adapter_dir for d in domains}, True, [f"direct-{d}" for d in domains])

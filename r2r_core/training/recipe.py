@@ -96,6 +96,8 @@ class OutputSection:
     ablations: list[str] = field(default_factory=list)
     time_budget_s: float | None = None
     stage1: bool = True
+    general_expert: bool = True  # ship Stage 1's adapter as the `general` expert, the router's fallback
+    warm_start: bool = False  # Stage 1 (and single-lora) start from the shipped `general` expert when compatible
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.ablations) - set(ABLATIONS))
