@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from r2r_core.reranker import R2RReranker
 from r2r_core.scoring import BASE_ADAPTER
 
-__all__ = ["LOAD_FIELDS", "check_positive", "check_top_n", "resolve_engine"]
+__all__ = ["LOAD_FIELDS", "check_positive", "check_score_threshold", "check_top_n", "resolve_engine"]
 
 #: The adapter fields that only matter when the adapter loads the engine itself.
 LOAD_FIELDS = ("model", "device", "dtype", "batch_size", "max_length")
@@ -20,6 +20,12 @@ LOAD_FIELDS = ("model", "device", "dtype", "batch_size", "max_length")
 def check_top_n(value: int | None) -> int | None:
     if value is not None and value < 1:
         raise ValueError(f"`top_n` must be >= 1 or None, got {value}")
+    return value
+
+
+def check_score_threshold(value: float | None) -> float | None:
+    if value is not None and (isinstance(value, bool) or not 0.0 <= value <= 1.0):
+        raise ValueError(f"`score_threshold` must be in [0, 1] or None, got {value!r}")
     return value
 
 

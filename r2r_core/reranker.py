@@ -66,6 +66,14 @@ def _check_top_n(top_n, n: int) -> int:
     return min(top_n, n)
 
 
+def _check_threshold(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"`score_threshold` must be a number in [0, 1] or None, got {value!r}")
+    return float(value)
+
+
 def _guess_template(model_id: str, tokenizer) -> PromptTemplate:
     lowered = model_id.lower()
     if "qwen3-reranker" in lowered:
@@ -256,46 +264,63 @@ class R2RReranker:
         return flat
 
     @staticmethod
-    def _results(docs: list[str], margins: list[float], expert: str, top_n: int) -> list[RerankResult]:
+    def _results(docs: list[str], margins: list[float], expert: str, top_n: int,
+                 score_threshold: float | None = None) -> list[RerankResult]:
         results = [
             RerankResult(i, float(torch.sigmoid(torch.tensor(m))), d, expert, float(m))
             for i, (d, m) in enumerate(zip(docs, margins))
         ]
         results.sort(key=lambda r: (-r.margin, r.index))
-        return results[:top_n]
-
-    def _resolve_expert(self, query: str, expert: str | None) -> str:
-        if expert is not None:
-            return self._experts.check(expert)
-        return self._route_many([query])[0].expert
+        results = results[:top_n]
+        if score_threshold is not None:
+            results = [r for r in results if r.score >= score_threshold]
+        return results
 
     def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
-               expert: str | None = None) -> list[RerankResult]:
-        """Score ``documents`` for ``query`` and return them best first (at most ``top_n``)."""
+               expert: str | None = None, score_threshold: float | None = None) -> list[RerankResult]:
+        """Score ``documents`` for ``query`` and return them best first (at most ``top_n``).
+
+        ``score_threshold`` applies after ``top_n``: only documents whose score ``sigmoid(z_yes - z_no)`` is at
+        least the threshold are kept. The default bundle's experts are trained with a pointwise term that
+        makes the score a probability of relevance: 0.5 means "as likely relevant as not".
+        """
+        return self.rerank_with_route(query, documents, top_n, expert, score_threshold)[1]
+
+    def rerank_with_route(self, query: str, documents: Sequence[str], top_n: int | None = None,
+                          expert: str | None = None, score_threshold: float | None = None
+                          ) -> tuple[Route | None, list[RerankResult]]:
+        """:meth:`rerank`, and the router's decision for ``query`` (None when ``expert`` fixed the expert or
+        there were no documents)."""
         _check_query(query)
         docs = _check_documents(documents)
         n = _check_top_n(top_n, len(docs))
+        threshold = _check_threshold(score_threshold)
         if expert is not None:
             self._experts.check(expert)
         if not docs:
-            return []
-        chosen = self._resolve_expert(query, expert)
-        margins = self._margins([query], [chosen], [docs])[0]
-        return self._results(docs, margins, chosen, n)
+            return None, []
+        route = None
+        if expert is None:
+            route = self._route_many([query])[0]
+            expert = route.expert
+        margins = self._margins([query], [expert], [docs])[0]
+        return route, self._results(docs, margins, expert, n, threshold)
 
     async def arerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
-                      expert: str | None = None) -> list[RerankResult]:
+                      expert: str | None = None, score_threshold: float | None = None) -> list[RerankResult]:
         """``rerank`` in a worker thread, so the event loop keeps running."""
-        return await asyncio.to_thread(self.rerank, query, documents, top_n, expert)
+        return await asyncio.to_thread(self.rerank, query, documents, top_n, expert, score_threshold)
 
     def score(self, query: str, documents: Sequence[str], expert: str | None = None) -> list[float]:
         """Sigmoid scores in input order."""
         return [r.score for r in sorted(self.rerank(query, documents, expert=expert), key=lambda r: r.index)]
 
     def rerank_batch(self, queries: Sequence[str], documents_per_query: Sequence[Sequence[str]],
-                     top_n: int | None = None, experts: Sequence[str | None] | None = None
-                     ) -> list[list[RerankResult]]:
-        """Rerank many queries at once; candidates of queries routed to different experts share batches."""
+                     top_n: int | None = None, experts: Sequence[str | None] | None = None,
+                     score_threshold: float | None = None) -> list[list[RerankResult]]:
+        """Rerank many queries at once; candidates of queries routed to different experts share batches.
+        ``top_n`` and ``score_threshold`` apply per query, as in :meth:`rerank`."""
+        threshold = _check_threshold(score_threshold)
         if isinstance(queries, str) or not isinstance(queries, Sequence):
             raise TypeError(f"`queries` must be a sequence of strings, got {type(queries).__name__}")
         if isinstance(documents_per_query, str) or len(documents_per_query) != len(queries):
@@ -320,7 +345,7 @@ class R2RReranker:
         margins = self._margins([queries[i] for i in live], [chosen[i] for i in live], [docs[i] for i in live])
         out: list[list[RerankResult]] = [[] for _ in queries]
         for i, m in zip(live, margins):
-            out[i] = self._results(docs[i], m, chosen[i], top[i])
+            out[i] = self._results(docs[i], m, chosen[i], top[i], threshold)
         return out
 
     def __repr__(self) -> str:

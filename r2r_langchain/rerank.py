@@ -16,7 +16,7 @@ from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
 from r2r_core import R2RReranker, RerankResult, Route
-from r2r_core.integration import check_positive, check_top_n, resolve_engine
+from r2r_core.integration import check_positive, check_score_threshold, check_top_n, resolve_engine
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,11 @@ class R2RRerank(BaseDocumentCompressor):
     top_n: int | None = Field(
         default=3, description="Number of documents to return, best first; None keeps all (reordered)."
     )
+    score_threshold: float | None = Field(
+        default=None,
+        description="Keep only documents whose score (a calibrated probability of relevance) is at least this; "
+        "applied after top_n. None keeps them all.",
+    )
     model: str = Field(
         default="default",
         description='"default" (the bundled reranker), a bundle directory or a causal LM id/path.',
@@ -83,6 +88,11 @@ class R2RRerank(BaseDocumentCompressor):
     @classmethod
     def _check_top_n(cls, value: int | None) -> int | None:
         return check_top_n(value)
+
+    @field_validator("score_threshold")
+    @classmethod
+    def _check_threshold(cls, value: float | None) -> float | None:
+        return check_score_threshold(value)
 
     @field_validator("batch_size", "max_length")
     @classmethod
@@ -138,13 +148,10 @@ class R2RRerank(BaseDocumentCompressor):
 
     def _rerank(self, query: str, documents: Sequence[Document]) -> tuple[Route | None, list[RerankResult]]:
         texts = [self._text_of(d) for d in documents]
-        route = None
-        expert = self.expert
-        if expert is None:
-            route = self._engine.route(query)
-            expert = route.expert
-        results = self._engine.rerank(query, texts, top_n=self.top_n, expert=expert)
-        logger.debug("reranked %d documents with expert %r for %r", len(texts), expert, query[:80])
+        route, results = self._engine.rerank_with_route(query, texts, top_n=self.top_n, expert=self.expert,
+                                                        score_threshold=self.score_threshold)
+        logger.debug("reranked %d documents with expert %r for %r", len(texts),
+                     results[0].expert if results else self.expert, query[:80])
         return route, results
 
     def _to_documents(

@@ -174,3 +174,36 @@ def test_bad_input_behaves_like_the_core(tiny_reranker):
             cls(reranker=tiny_reranker, top_n=0)
         with pytest.raises(KeyError, match="legal"):
             cls(reranker=tiny_reranker, expert="astrology")
+
+
+def test_score_threshold_applies_after_top_n_in_the_core_and_both_adapters(tiny_reranker):
+    from r2r_langchain import R2RRerank as LCRerank
+    from r2r_llamaindex import R2RRerank as LIRerank
+
+    query = next(iter(QUERIES))
+    full = tiny_reranker.rerank(query, corpus_texts())
+    scores = sorted({r.score for r in full}, reverse=True)
+    cut = scores[len(scores) // 2]  # a threshold that keeps about half of them
+    kept = tiny_reranker.rerank(query, corpus_texts(), score_threshold=cut)
+    assert kept == [r for r in full if r.score >= cut] and 0 < len(kept) < len(full)
+    top3 = tiny_reranker.rerank(query, corpus_texts(), top_n=3, score_threshold=cut)
+    assert top3 == [r for r in full[:3] if r.score >= cut]
+    [batch] = tiny_reranker.rerank_batch([query], [corpus_texts()], score_threshold=cut)
+    assert [r.index for r in batch] == [r.index for r in kept]
+    assert tiny_reranker.rerank(query, corpus_texts(), score_threshold=1.0) == [r for r in full if r.score >= 1.0]
+    route, with_route = tiny_reranker.rerank_with_route(query, corpus_texts(), score_threshold=cut)
+    assert with_route == kept and route == tiny_reranker.route(query)
+    ids = list(CORPUS)
+    li = LIRerank(reranker=tiny_reranker, top_n=None, score_threshold=cut, metadata_mode="none").postprocess_nodes(
+        make_nodes(), query_str=query)
+    lc = LCRerank(reranker=tiny_reranker, top_n=None, score_threshold=cut).compress_documents(make_documents(), query)
+    assert [n.node.node_id for n in li] == [ids[r.index] for r in kept]
+    assert [d.id for d in lc] == [ids[r.index] for r in kept]
+    for bad in (-0.1, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match="score_threshold"):
+            tiny_reranker.rerank(query, corpus_texts(), score_threshold=bad)
+    for bad in (-0.1, 1.5):  # pydantic coerces "0.5" and True to floats, as for its other number fields
+        with pytest.raises(ValueError, match="score_threshold"):
+            LIRerank(reranker=tiny_reranker, score_threshold=bad)
+        with pytest.raises(ValueError, match="score_threshold"):
+            LCRerank(reranker=tiny_reranker, score_threshold=bad)
