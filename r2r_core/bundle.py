@@ -64,15 +64,23 @@ class BundleConfig:
         if not isinstance(self.base_fingerprint, dict) or "probe" not in self.base_fingerprint:
             raise ValueError("base_fingerprint must be the dict written by r2r_core.backbone.fingerprint_model")
         PromptTemplate.from_dict(self.template)
+        for key in ("experts", "expert_instructions", "metadata"):
+            if not isinstance(getattr(self, key), dict):
+                raise ValueError(f"{key} must be a JSON object, got {type(getattr(self, key)).__name__}")
         for name, sub in self.experts.items():
             validate_expert_name(name)
-            if not isinstance(sub, str) or Path(sub).is_absolute() or ".." in Path(sub).parts:
-                raise ValueError(f"expert {name!r}: path must be relative inside the bundle, got {sub!r}")
+            _check_inside(sub, f"expert {name!r}")
         unknown = sorted(set(self.expert_instructions) - set(self.experts))
         if unknown:
             raise ValueError(f"expert_instructions name experts that are not in `experts`: {unknown}")
-        if self.router is not None and set(self.router) != {"weights", "config"}:
-            raise ValueError(f"router must be {{'weights': ..., 'config': ...}} or null, got {self.router!r}")
+        bad = {k: v for k, v in self.expert_instructions.items() if not isinstance(v, str)}
+        if bad:
+            raise ValueError(f"expert_instructions must map expert names to strings, got {bad!r}")
+        if self.router is not None:
+            if not isinstance(self.router, dict) or set(self.router) != {"weights", "config"}:
+                raise ValueError(f"router must be {{'weights': ..., 'config': ...}} or null, got {self.router!r}")
+            for key in ("weights", "config"):
+                _check_inside(self.router[key], f"router {key}")
         if self.threshold is not None and not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold!r}")
         if self.fallback != BASE_ADAPTER and self.fallback not in self.experts:
@@ -81,6 +89,12 @@ class BundleConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def _check_inside(sub, what: str) -> None:
+    """Refuse a path in r2r.json that could leave the bundle: not a string, absolute, or with a '..' part."""
+    if not isinstance(sub, str) or not sub or Path(sub).is_absolute() or ".." in Path(sub).parts:
+        raise ValueError(f"{what}: path must be relative inside the bundle (no '..'), got {sub!r}")
 
 
 def is_bundle(path: str | Path) -> bool:

@@ -26,11 +26,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["EXPERT_META_FILE", "ExpertSet", "validate_expert_name"]
 
 EXPERT_META_FILE = "r2r_expert.json"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def validate_expert_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or name == BASE_ADAPTER:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == BASE_ADAPTER:
         raise ValueError(
             f"expert name must be 1-64 characters of letters, digits, '_', '.', '-' (not {BASE_ADAPTER!r}), "
             f"got {name!r}"
@@ -92,25 +92,41 @@ class ExpertSet:
                 )
 
     def add(self, name: str, adapter_dir: str | Path, instruction: str | None = None) -> None:
-        """Load a peft LoRA adapter folder as expert ``name`` (weights in the backbone's dtype)."""
+        """Load a peft LoRA adapter folder as expert ``name`` (weights in the backbone's dtype).
+
+        All or nothing: when the adapter cannot be loaded (a corrupt or truncated weights file, weights that do not
+        fit its config), the LoRA layers already inserted for it are taken out again, the model scores exactly as
+        before, and a ValueError names the file."""
         from peft import PeftModel
+        from safetensors import SafetensorError, safe_open
 
         validate_expert_name(name)
         if name in self._instructions:
             raise ValueError(f"an expert named {name!r} is already loaded; remove it first")
         adapter_dir = Path(adapter_dir)
         self._check_adapter_dir(adapter_dir)
+        weights = adapter_dir / "adapter_model.safetensors"
+        try:  # the header names every tensor and its extent: a truncated file fails here, before the model changes
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"could not load the expert {name!r}: {weights} is not a valid safetensors file "
+                             f"({exc})") from exc
         dtype = next(self.model.parameters()).dtype
+        was_peft = isinstance(self.model, PeftModel)
         try:
-            if isinstance(self.model, PeftModel):
+            if was_peft:
                 self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False,
                                         autocast_adapter_dtype=False, low_cpu_mem_usage=True)
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name,
                                                        is_trainable=False, autocast_adapter_dtype=False,
                                                        low_cpu_mem_usage=True)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            raise ValueError(f"could not load the expert {name!r} from {adapter_dir}: {exc}") from exc
+        except Exception as exc:
+            self._roll_back(name, was_peft)
+            if isinstance(exc, (ValueError, RuntimeError, KeyError, TypeError, SafetensorError)):
+                raise ValueError(f"could not load the expert {name!r} from {weights}: {exc}") from exc
+            raise
         for pname, param in self.model.named_parameters():
             if f".{name}." in pname and param.dtype != dtype:
                 param.data = param.data.to(dtype)
@@ -118,6 +134,21 @@ class ExpertSet:
         self.model.eval()
         self._instructions[name] = instruction
         logger.info("Loaded expert %r from %s", name, adapter_dir)
+
+    def _roll_back(self, name: str, was_peft: bool) -> None:
+        """Undo a failed :meth:`add`: delete the half-loaded adapter from the peft model, or, for the first expert,
+        take every LoRA layer out of the plain model again (it had none before, see ``__init__``)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if was_peft:
+            if name in getattr(self.model, "peft_config", {}):
+                self.model.delete_adapter(name)
+            return
+        for mname, module in list(self.model.named_modules()):
+            if mname and isinstance(module, BaseTunerLayer):
+                parent, _, child = mname.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, module.get_base_layer())
+        self.model.__dict__.pop("peft_config", None)  # set on the wrapped model by peft's tuner
 
     def remove(self, name: str) -> None:
         if name not in self._instructions:

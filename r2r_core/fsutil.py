@@ -1,45 +1,111 @@
-"""Small filesystem helpers shared by bundle writing, training checkpoints and evaluation runs."""
+"""Small filesystem helpers shared by bundle writing, training checkpoints and evaluation runs.
+
+None of them changes process-wide state: the umask is read, never set (:func:`current_umask`), and temporary
+files are created the way ``open()`` creates files, so they get the permissions a plain write would give.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import logging
 import os
+import platform
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["atomic_json", "atomic_text", "current_umask", "replace_dir"]
 
 
 def current_umask() -> int:
-    """The process's umask (read by setting it and putting it back)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+    """The process's umask, read without changing it: from ``/proc/self/status`` on Linux (4.7 and later); else
+    from the mode a directory made with mode 0o777 gets in the temporary folder (a default ACL there would show
+    in it too). Setting the umask to read it, the usual trick, would race with other threads creating files."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    probe = Path(tempfile.gettempdir()) / f".r2r-umask-{secrets.token_hex(8)}"
+    os.mkdir(probe, 0o777)
+    try:
+        return 0o777 & ~probe.stat().st_mode
+    finally:
+        os.rmdir(probe)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_warned_not_atomic = False
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step with Linux's ``renameat2(RENAME_EXCHANGE)``; False where the system or the
+    file system does not offer it (nothing is changed then)."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc before 2.28, or another libc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def replace_dir(src: str | Path, dst: str | Path) -> Path:
-    """Move the finished folder ``src`` to ``dst``, replacing an older ``dst`` (removed only after the move)."""
+    """Move the finished folder ``src`` to ``dst``, replacing an older ``dst`` (removed only after the move).
+
+    Atomic on Linux: an existing ``dst`` is swapped with ``src`` in one ``renameat2(RENAME_EXCHANGE)``, so a
+    reader sees the old folder or the new one and never a missing path. Where that call is missing (other
+    systems, old kernels, file systems without it) the old folder is first renamed away and the new one moved in:
+    between the two renames ``dst`` does not exist (a warning says so once).
+    """
     src, dst = Path(src), Path(dst)
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
+    if not dst.exists():
         os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+        return dst
+    if _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # the old folder, now under src's name
+        return dst
+    global _warned_not_atomic
+    if not _warned_not_atomic:
+        logger.warning("replace_dir: this system cannot swap folders atomically; %s is missing for a moment", dst)
+        _warned_not_atomic = True
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
     return dst
 
 
 def _tmp_path(path: Path) -> Path:
+    """A new, empty temporary file beside ``path``, created like ``open(..., "w")`` creates files (mode 0o666 less
+    the umask, and any default ACL of the folder), so the file it becomes has the permissions of a plain write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:  # mkstemp makes the file private; the file it becomes gets the permissions open() would give it
-        os.fchmod(fd, 0o666 & ~current_umask())
-    finally:
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
         os.close(fd)
-    return Path(tmp)
+        return tmp
+    raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
 def _commit(tmp: Path, path: Path) -> None:

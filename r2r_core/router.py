@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from r2r_core.lora_fold import routes_by_thread
-from r2r_core.scoring import BASE_ADAPTER, _right_pad, _routed_forward
+from r2r_core.scoring import BASE_ADAPTER, TemplateTokenizer, _right_pad, _routed_forward
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ __all__ = ["LatentRouter", "Route", "ROUTER_WEIGHTS", "ROUTER_CONFIG"]
 
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_CONFIG = "router.json"
+MAX_QUERY_TOKENS = 512  # queries are cut to this many tokens before encoding
 
 
 class _Exit(Exception):
@@ -111,6 +112,7 @@ class LatentRouter:
         self.std: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None  # [K, H]
         self.bias: torch.Tensor | None = None  # [K]
+        self._warned_long_query = False
 
     @property
     def is_fitted(self) -> bool:
@@ -118,8 +120,13 @@ class LatentRouter:
 
     # ------------------------------------------------------------------ features
     @torch.inference_mode()
-    def encode(self, model, tokenizer, queries: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-        """``h_q`` for each query: [N, H] float32, from the backbone with adapters disabled."""
+    def encode(self, model, tokenizer, queries: Sequence[str], batch_size: int = 32,
+               max_query_tokens: int = MAX_QUERY_TOKENS) -> torch.Tensor:
+        """``h_q`` for each query: [N, H] float32, from the backbone with adapters disabled. A query is read as
+        plain text (its ``<|im_end|>`` is characters, not a control token) and cut to ``max_query_tokens``."""
+        if isinstance(max_query_tokens, bool) or not isinstance(max_query_tokens, int) or max_query_tokens < 1:
+            raise ValueError(f"`max_query_tokens` must be an int >= 1, got {max_query_tokens!r}")
+        text = TemplateTokenizer(tokenizer, self.query_template)
         device = next(model.parameters()).device
         layers = _decoder_layers(model)
         if layers is not None and not -(len(layers) + 1) <= self.layer <= len(layers):
@@ -131,8 +138,12 @@ class LatentRouter:
             stop = None  # peft's adapter_names hooks are not removed when a forward raises: no early exit
         feats = []
         for start in range(0, len(queries), batch_size):
-            texts = [self.query_template.format(query=q) for q in queries[start : start + batch_size]]
-            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            batch, cut = text.truncate(queries[start : start + batch_size], max_query_tokens)
+            if cut and not self._warned_long_query:
+                logger.warning("the router cut a query longer than %d tokens to that length; further long queries "
+                               "are cut without a warning", max_query_tokens)
+                self._warned_long_query = True
+            ids = text.render(self.query_template, [{"query": q} for q in batch])
             input_ids, mask = _right_pad(ids, tokenizer.pad_token_id, device)
             forward = partial(_routed_forward, model, [BASE_ADAPTER] * len(ids), by_thread, input_ids=input_ids,
                               attention_mask=mask, use_cache=False, logits_to_keep=1)

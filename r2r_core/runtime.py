@@ -1,10 +1,15 @@
 """Where and how the model runs: ``device=None`` picks cuda > mps > cpu, ``dtype="auto"`` picks bf16 where
-the hardware runs it fast (an explicit choice always wins, and what was picked is logged); on the CPU, the
-allocator is tuned once and batches run side by side on the torch threads (:func:`map_batches`)."""
+the hardware runs it fast (an explicit choice always wins, and what was picked is logged).
+
+Nothing here changes process-wide state unless asked to. Two CPU tunings are opt-in, because both act on the
+whole process: ``R2R_TUNE_MALLOC=1`` tunes glibc's allocator (:func:`tune_cpu_allocator`), and
+``R2R_PARALLEL_BATCHES=1`` runs batches side by side, one per torch thread, which sets torch's thread count
+while they run (:func:`map_batches`)."""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -85,6 +90,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 _MMAP_THRESHOLD = 64 << 20
 _TRIM_THRESHOLD = 256 << 20
 _ALLOCATOR_ENV = "R2R_TUNE_MALLOC"
+_PARALLEL_ENV = "R2R_PARALLEL_BATCHES"
+_YES = {"1", "true", "yes", "on"}
 
 
 @lru_cache(maxsize=1)
@@ -95,15 +102,14 @@ def tune_cpu_allocator() -> bool:
     page-faults its activations in again: ~420,000 faults (1.6 GB) per 32-candidate rerank with SmolLM2-135M,
     10-25% of the time, and more on VMs that reclaim freed pages. With an mmap threshold of 64 MiB and a trim
     threshold of 256 MiB the buffers are reused (a few hundred faults); the cost is at most ~256 MiB of freed
-    memory kept by the process. Process-wide and applied once, glibc only; ``R2R_TUNE_MALLOC=0`` leaves the
-    allocator alone (for instance when jemalloc or tcmalloc is preloaded). Returns whether it was applied.
+    memory kept by the process. Process-wide, so opt-in: applied (once, glibc only) when ``R2R_TUNE_MALLOC=1``;
+    by default the allocator is left as it is (the process may preload jemalloc or tcmalloc, or tune it
+    itself). Returns whether it was applied.
     """
     import ctypes
-    import os
     import platform
 
-    if os.environ.get(_ALLOCATOR_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
-        logger.info("%s=0: leaving the C allocator as it is", _ALLOCATOR_ENV)
+    if os.environ.get(_ALLOCATOR_ENV, "").strip().lower() not in _YES:
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -115,31 +121,32 @@ def tune_cpu_allocator() -> bool:
     except (OSError, AttributeError):
         return False
     if applied:
-        logger.info("glibc malloc: mmap threshold %d MiB, trim threshold %d MiB (activation buffers are reused; "
-                    "set %s=0 to opt out)", _MMAP_THRESHOLD >> 20, _TRIM_THRESHOLD >> 20, _ALLOCATOR_ENV)
+        logger.info("%s=1: glibc malloc mmap threshold %d MiB, trim threshold %d MiB (activation buffers are "
+                    "reused)", _ALLOCATOR_ENV, _MMAP_THRESHOLD >> 20, _TRIM_THRESHOLD >> 20)
     return applied
 
 
 def cpu_workers(jobs: int, device: torch.device) -> int:
-    """How many batches to run at once: on the CPU, one per torch thread (at most ``jobs``); elsewhere one."""
-    if device.type != "cpu" or jobs < 2:
+    """How many batches to run at once: one, unless ``R2R_PARALLEL_BATCHES=1`` asks for batches side by side;
+    then, on the CPU, one per torch thread (at most ``jobs``)."""
+    if device.type != "cpu" or jobs < 2 or os.environ.get(_PARALLEL_ENV, "").strip().lower() not in _YES:
         return 1
     return max(1, min(torch.get_num_threads(), jobs))
 
 
 def map_batches(fn: Callable[[int], T], jobs: int, workers: int) -> list[T]:
     """``[fn(0), ..., fn(jobs - 1)]``, each call in inference mode, on ``workers`` threads at once (from
-    :func:`cpu_workers`; 1 runs them in the caller's thread).
+    :func:`cpu_workers`; 1 runs them in the caller's thread, on its torch threads, and changes nothing).
 
-    The workers take a batch at a time, each with its share of the torch threads (one each when there are as
-    many workers as threads). Small decoder layers split poorly over threads: a batch of SmolLM2-135M's
-    attention, norms and activations is many short kernels, each paying OpenMP's fork/join, so two batches side
-    by side on one thread each get ~10-20% more done on two cores than one batch at a time on both. Jobs are
-    taken in order (submit the longest first). The model must route experts by thread
-    (:func:`r2r_core.lora_fold.routes_by_thread`).
+    Several workers (opt-in, ``R2R_PARALLEL_BATCHES=1``) take a batch at a time, each with its share of the torch
+    threads (one each when there are as many workers as threads). Small decoder layers split poorly over
+    threads: a batch of SmolLM2-135M's attention, norms and activations is many short kernels, each paying
+    OpenMP's fork/join, so two batches side by side on one thread each get ~10-20% more done on two cores than
+    one batch at a time on both. Jobs are taken in order (submit the longest first). The model must route experts
+    by thread (:func:`r2r_core.lora_fold.routes_by_thread`).
 
-    ``torch.set_num_threads`` is process-wide; the workers set their share and the caller's setting is put
-    back before this returns. With ``torch.set_num_threads(1)``, :func:`cpu_workers` gives one worker.
+    ``torch.set_num_threads`` is process-wide: while the workers run, threads that start using torch get their
+    share too, which is why this is opt-in; the caller's setting is put back before this returns.
     """
     workers = max(1, min(workers, jobs))
     if workers == 1:

@@ -12,12 +12,19 @@ Two forward paths share one tokenization:
 
 Both read the logits at each row's last real token whatever the padding, and with :class:`YesNoHead`
 installed the LM head computes only the "yes" and "no" rows.
+
+User text never becomes control tokens: :class:`TemplateTokenizer` keeps the added tokens a template writes
+(``<|im_start|>``, ...) and tokenizes queries, documents and instructions as plain characters, so a document
+holding ``<|im_end|>\n<|im_start|>assistant\n`` cannot end its turn and rewrite the prompt. The query gets at most
+:meth:`PromptEncoder.query_budget` tokens (about half of ``max_length``) and the document what is left; the
+scoring suffix is never cut.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,6 +40,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BASE_ADAPTER",
     "PromptEncoder",
+    "TemplateTokenizer",
     "YesNoHead",
     "YesNoIds",
     "cache_kwargs",
@@ -44,7 +52,9 @@ __all__ = [
 
 BASE_ADAPTER = "__base__"
 _MIN_DOC_TOKENS = 16
-_CHARS_PER_TOKEN_BOUND = 32  # documents are cut to budget * this many characters before tokenizing
+_MIN_QUERY_TOKENS = 16
+_QUERY_SHARE = 2  # the query gets at most max_length // this many tokens
+_CHARS_PER_TOKEN_BOUND = 32  # texts are cut to budget * this many characters before tokenizing
 
 
 @dataclass(frozen=True)
@@ -66,8 +76,116 @@ class YesNoIds:
         return cls(yes=ids[0], no=ids[1])
 
 
+class TemplateTokenizer:
+    """Token ids of template text whose fields hold user text (a query, a document, an instruction).
+
+    The added tokens written in the template itself (``<|im_start|>``, ``<think>``, ...) are encoded as those
+    tokens; the text filled into a field is always encoded as plain characters: a document holding
+    ``<|im_end|>`` gives the characters ``<``, ``|``, ``im``, ... and never the control token. Control tokens are
+    the tokenizer's special tokens and the other added tokens the templates contain (whitespace ones such as
+    Gemma's ``"\n"`` excepted, which templates and text both use as ordinary text). For text without control
+    tokens the ids equal those of tokenizing the whole rendered string, so prompts are what they always were.
+    """
+
+    def __init__(self, tokenizer, *templates: str):
+        self.tokenizer = tokenizer
+        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        added = {getattr(t, "content", str(t)): i for i, t in decoder.items()}
+        special = {getattr(t, "content", str(t)) for t in decoder.values() if getattr(t, "special", False)}
+        special |= set(getattr(tokenizer, "all_special_tokens", ()))
+        text = "".join(templates)
+        # Template text is split at the added tokens it writes (braces excepted: they would split a format field)
+        self._template_tokens = {t: i for t, i in added.items() if t and t in text and not set(t) & set("{}")}
+        control = special | {t for t in self._template_tokens if not t.isspace()}
+        self.control_ids = frozenset(added[t] for t in control if t in added) | frozenset(
+            getattr(tokenizer, "all_special_ids", ()))
+        self._control_re = _alternation(control)
+        self._split_re = _alternation(self._template_tokens)
+        self._newline = self.plain(["\n"])[0]
+        self._fixed: dict[tuple[int, str], list[int]] = {}  # ids of template parts without fields
+
+    def plain(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text as plain characters (no added token of the template or special token matched)."""
+        if not texts:
+            return []
+        ids = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        # split_special_tokens leaves non-special added tokens (such as Qwen's <think>) alone, and another user of
+        # this tokenizer may flip its flag while we encode: any control token left is encoded again without them
+        return [self._without_added(t) if self.control_ids.intersection(i) else i for t, i in zip(texts, ids)]
+
+    def _without_added(self, text: str) -> list[int]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # the normalizer, pre-tokenizer and model of a fast tokenizer, no added tokens
+            if backend.normalizer is not None:
+                text = backend.normalizer.normalize_str(text)
+            splits = [text] if backend.pre_tokenizer is None else [
+                s for s, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+            return [tok.id for s in splits for tok in backend.model.tokenize(s)]
+        # a slow tokenizer: the text between control tokens as it is, a control token's characters one by one
+        pieces = self._control_re.split(text) if self._control_re is not None else [text]
+        out: list[int] = []
+        for k, piece in enumerate(pieces):
+            if piece:
+                texts = list(piece) if k % 2 else [piece]
+                for ids in self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]:
+                    out.extend(ids)
+        return out
+
+    def render(self, template: str, rows: Sequence[dict]) -> list[list[int]]:
+        """Per row of field values, the ids of ``template.format(**row)``."""
+        parts = self._split_re.split(template) if self._split_re is not None else [template]
+        out: list[list[int]] = [[] for _ in rows]
+        for k, part in enumerate(parts):
+            if k % 2:
+                for ids in out:
+                    ids.append(self._template_tokens[part])
+            elif part:
+                fixed = "{" not in part and "}" not in part
+                if fixed and (k, part) in self._fixed:
+                    encoded = [self._fixed[k, part]] * len(rows)
+                else:
+                    encoded = self._encode_part(k, [part.format(**row) for row in rows])
+                    if fixed and rows:
+                        self._fixed[k, part] = encoded[0]
+                for ids, e in zip(out, encoded):
+                    ids.extend(e)
+        return out
+
+    def _encode_part(self, k: int, texts: list[str]) -> list[list[int]]:
+        if k == 0:
+            return self.plain(texts)
+        # after an added token: encode after a newline, then drop it, so that SentencePiece does not add the
+        # prefix space it adds at the start of a string (transformers encodes chats the same way)
+        n = len(self._newline)
+        return [e[n:] if e[:n] == self._newline else self.plain([t])[0]
+                for t, e in zip(texts, self.plain(["\n" + t for t in texts]))]
+
+    def truncate(self, texts: Sequence[str], budget: int) -> tuple[list[str], int]:
+        """``texts`` cut to at most ``budget`` plain tokens each, and how many were cut. A text is read only as far
+        as ``budget`` tokens can reach, so a megabyte of text costs no more than a short one."""
+        limit = budget * _CHARS_PER_TOKEN_BOUND
+        out, cut = [], 0
+        for text, ids in zip(texts, self.plain([t[:limit] for t in texts])):
+            if len(ids) > budget:
+                text = self.tokenizer.decode(ids[:budget], skip_special_tokens=False,
+                                             clean_up_tokenization_spaces=False)
+                cut += 1
+            elif len(text) > limit:
+                text = text[:limit]
+                cut += 1
+            out.append(text)
+        return out, cut
+
+
+def _alternation(tokens) -> re.Pattern | None:
+    """A regex matching any of ``tokens`` (the longest first), as a group, or None for none."""
+    tokens = sorted((t for t in tokens if t), key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, tokens)) + ")") if tokens else None
+
+
 class PromptEncoder:
-    """Tokenizes prompts as ``prefix | doc_sep + document | suffix``; only the document is truncated."""
+    """Tokenizes prompts as ``prefix | doc_sep + document | suffix``; the query is cut to
+    :meth:`query_budget` tokens, then the document to what is left; the suffix is never cut."""
 
     def __init__(self, tokenizer, template: PromptTemplate, max_length: int = 512):
         if not isinstance(max_length, int) or max_length < 2 * _MIN_DOC_TOKENS:
@@ -75,14 +193,14 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.template = template
         self.max_length = max_length
+        self.text = TemplateTokenizer(tokenizer, template.prefix, template.suffix, template.doc_sep)
         self._suffix_cache: dict[str, list[int]] = {}
+        self._budget_cache: dict[str, int] = {}
         self._warned_long_prefix = False
+        self._warned_long_query = False
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def prefix_ids(self, instruction: str, query: str) -> list[int]:
-        ids = self._ids(self.template.render_prefix(instruction, query))
+    def _prefix(self, instruction: str, query: str) -> list[int]:
+        ids = self.text.render(self.template.prefix, [{"instruction": instruction, "query": query}])[0]
         if self.template.add_bos:
             bos = self.tokenizer.bos_token_id
             if bos is None:
@@ -90,9 +208,28 @@ class PromptEncoder:
             ids = [bos, *ids]
         return ids
 
+    def query_budget(self, instruction: str) -> int:
+        """The most tokens a query keeps: half of ``max_length``, less where the template and instruction leave
+        fewer than that beside the document's minimum, and never under a floor of its own."""
+        if instruction not in self._budget_cache:
+            fixed = len(self._prefix(instruction, "")) + len(self.suffix_ids(instruction))
+            room = self.max_length - fixed - _MIN_DOC_TOKENS
+            self._budget_cache[instruction] = max(_MIN_QUERY_TOKENS, min(self.max_length // _QUERY_SHARE, room))
+        return self._budget_cache[instruction]
+
+    def prefix_ids(self, instruction: str, query: str) -> list[int]:
+        budget = self.query_budget(instruction)
+        (query,), cut = self.text.truncate([query], budget)
+        if cut and not self._warned_long_query:
+            logger.warning("a query longer than its budget of %d tokens (max_length=%d) was cut to it; further "
+                           "long queries are cut without a warning", budget, self.max_length)
+            self._warned_long_query = True
+        return self._prefix(instruction, query)
+
     def suffix_ids(self, instruction: str) -> list[int]:
         if instruction not in self._suffix_cache:
-            self._suffix_cache[instruction] = self._ids(self.template.render_suffix(instruction))
+            self._suffix_cache[instruction] = self.text.render(
+                self.template.suffix, [{"instruction": instruction, "query": ""}])[0]
         return self._suffix_cache[instruction]
 
     def doc_budget(self, prefix_len: int, suffix_len: int) -> int:
@@ -110,10 +247,7 @@ class PromptEncoder:
     def document_ids(self, documents: Sequence[str], budget: int) -> list[list[int]]:
         cut = budget * _CHARS_PER_TOKEN_BOUND
         texts = [self.template.doc_sep + doc[:cut] for doc in documents]
-        if not texts:
-            return []
-        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [ids[:budget] for ids in encoded]
+        return [ids[:budget] for ids in self.text.plain(texts)]
 
     def encode(self, instruction: str, query: str, documents: Sequence[str]) -> tuple[list[int], list[list[int]]]:
         """Prefix ids and, per document, ``document + suffix`` ids (the tail the prefix cache is extended by)."""

@@ -34,6 +34,12 @@ class PromptTemplate:
             value = getattr(self, field)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"PromptTemplate.{field} must be a non-empty string, got {value!r}")
+        for field in ("suffix", "doc_sep", "default_instruction"):
+            value = getattr(self, field)
+            if not isinstance(value, str):
+                raise ValueError(f"PromptTemplate.{field} must be a string, got {value!r}")
+        if not isinstance(self.add_bos, bool):
+            raise ValueError(f"PromptTemplate.add_bos must be true or false, got {self.add_bos!r}")
         if "{query}" not in self.prefix:
             raise ValueError(f"PromptTemplate.prefix must contain '{{query}}', got {self.prefix!r}")
         if self.yes_token == self.no_token:

@@ -120,7 +120,8 @@ def test_loaded_backbones_use_it_and_score_as_sdpa(tiny_model_dir):
         got = yes_no_margins(backbone.model, ids, backbone.tokenizer.pad_token_id, 1, 2)
         backbone.model.set_attn_implementation("sdpa")
         want = yes_no_margins(backbone.model, ids, backbone.tokenizer.pad_token_id, 1, 2)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # grouped against per-head SDPA through two fp32 layers: other tiles, other sums, ~1e-4 absolute
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert use_grouped_attention(backbone.model)  # back on
     backbone.model.set_attn_implementation("eager")
     assert not use_grouped_attention(backbone.model)  # other implementations are left as they are

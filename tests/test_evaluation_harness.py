@@ -259,5 +259,6 @@ def test_minilm_document_cache_gives_the_same_scores(data_root):
     cached = system.rerank(query, docs)  # m2 is not indexed yet: encoded on the fly
     assert len(system._cache) == 5
     system.cache_documents = False
-    assert system.rerank(query, docs) == pytest.approx(cached, abs=1e-5)
+    # documents encoded in other batches (other padding, other GEMM shapes): fp32 chains, ~1e-4
+    assert system.rerank(query, docs) == pytest.approx(cached, abs=1e-4)
     assert max(range(len(docs)), key=cached.__getitem__) == [d.id for d in docs].index("m2")

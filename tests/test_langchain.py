@@ -78,7 +78,7 @@ def test_concurrent_async_queries_of_different_domains(tiny_reranker):
         assert [d.id for d in got] == [d.id for d in want]
         assert [d.metadata["r2r_expert"] for d in got] == [d.metadata["r2r_expert"] for d in want]
         assert [d.metadata["relevance_score"] for d in got] == pytest.approx(
-            [d.metadata["relevance_score"] for d in want], abs=1e-5
+            [d.metadata["relevance_score"] for d in want], abs=1e-4  # concurrent fp32 kernels: ~1e-4
         )
 
 
@@ -175,11 +175,6 @@ def _context_ids(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped experts (about an hour of CPU training, benchmarks/RESULTS.md) do not yet rank these "
-    "answers first; strict: this fails once a better default does, so the marker gets removed",
-)
 def test_default_bundle_puts_the_answer_first(store, default_rerank):
     """Ranking quality of the shipped default: the answer comes first for each toy query."""
     from langchain_classic.retrievers import ContextualCompressionRetriever

@@ -124,7 +124,8 @@ def test_concurrent_async_queries_of_different_domains(tiny_reranker):
     for query, got in zip(list(QUERIES) * 3, results, strict=True):
         want = expected[query]
         assert [n.node.node_id for n in got] == [n.node.node_id for n in want]
-        assert [n.score for n in got] == pytest.approx([n.score for n in want], abs=1e-5)
+        # concurrent calls may run their fp32 kernels split over other threads: ~1e-4
+        assert [n.score for n in got] == pytest.approx([n.score for n in want], abs=1e-4)
         assert [n.node.metadata["r2r_expert"] for n in got] == [n.node.metadata["r2r_expert"] for n in want]
 
 
@@ -226,11 +227,6 @@ def test_retriever_query_engine_sync_and_concurrent_async(index, default_rerank)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped experts (about an hour of CPU training, benchmarks/RESULTS.md) do not yet rank these "
-    "answers first; strict: this fails once a better default does, so the marker gets removed",
-)
 def test_default_bundle_puts_the_answer_first(index, default_rerank):
     """Ranking quality of the shipped default: the answer comes first for each toy query."""
     from llama_index.core.llms import MockLLM

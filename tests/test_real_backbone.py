@@ -32,8 +32,8 @@ def test_default_loads_offline_without_importing_the_gguf_wheel(default_reranker
 
 
 def test_shipped_default_bundle_has_routed_bf16_experts_within_30_mb(default_reranker_fp32):
-    """The embedded default: three EAG experts and the router, adapters stored in bf16, <= 30 MB, and its
-    base fingerprint matches the offline backbone (from_pretrained refuses a mismatch)."""
+    """The embedded default: three domain experts, the `general` fallback and the router, adapters stored in
+    bf16, <= 30 MB, and its base fingerprint matches the offline backbone (from_pretrained refuses a mismatch)."""
     from pathlib import Path
 
     from safetensors import safe_open
@@ -43,12 +43,14 @@ def test_shipped_default_bundle_has_routed_bf16_experts_within_30_mb(default_rer
 
     root = Path(r2r_core.__file__).parent / "default_bundle"
     config = read_bundle(root)
-    assert sorted(config.experts) == ["financial", "legal", "medical"] and config.router is not None
+    assert sorted(config.experts) == ["financial", "general", "legal", "medical"] and config.router is not None
+    assert config.fallback == "general"
     assert sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) <= 30e6
     for sub in config.experts.values():
         with safe_open(str(root / sub / "adapter_model.safetensors"), framework="pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
-    assert default_reranker_fp32.experts == ["financial", "legal", "medical"]
+    assert sorted(default_reranker_fp32.experts) == ["financial", "general", "legal", "medical"]
+    assert default_reranker_fp32.fallback == "general"
     for query, domain in [("What are the side effects of metformin?", "medical"),
                           ("Can either party terminate the agreement early?", "legal"),
                           ("How much did total revenue grow in 2019?", "financial")]:

@@ -82,7 +82,8 @@ def test_rerank_batch_mixes_experts_per_row(tiny_reranker):
         single = tiny_reranker.rerank(q, d)
         assert [r.index for r in res] == [r.index for r in single]
         assert [r.expert for r in res] == [r.expert for r in single]
-        assert [r.score for r in res] == pytest.approx([r.score for r in single], abs=1e-5)
+        # other batch compositions, other GEMM shapes: fp32 chains, ~1e-4
+        assert [r.score for r in res] == pytest.approx([r.score for r in single], abs=1e-4)
     assert {res[0].expert for res in batched} == set(DOMAIN_QUERIES)
 
 
@@ -180,3 +181,45 @@ def test_a_backbone_already_holding_experts_is_refused(tiny_reranker):
 
     with pytest.raises(ValueError, match="already carries LoRA experts"):
         R2RReranker(tiny_reranker.backbone, tiny_reranker.template)
+
+
+def _broken_adapters(src, tmp_path):
+    """Two adapters that fail to load: a truncated weights file, and weights that do not fit their config (the
+    LoRA layers are already inserted when that shows)."""
+    import json
+    import shutil
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(src, truncated)
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    misfit = tmp_path / "misfit"
+    shutil.copytree(src, misfit)
+    config = json.loads((misfit / "adapter_config.json").read_text())
+    config["r"] *= 2
+    (misfit / "adapter_config.json").write_text(json.dumps(config))
+    return {"truncated": truncated, "misfit": misfit}
+
+
+@pytest.mark.parametrize("loaded", [[], ["medical"]])
+def test_a_failed_add_expert_leaves_the_model_as_it_was(tiny_model_dir, tiny_adapters, tmp_path, loaded):
+    """After an adapter fails to load, every expert (and the bare backbone) scores exactly as before, the error
+    names the file, and the name can be used again."""
+    from peft.tuners.lora import LoraLayer
+
+    r = R2RReranker.from_pretrained(str(tiny_model_dir), device="cpu", dtype="float32")
+    for name in loaded:
+        r.add_expert(name, tiny_adapters[name])
+    experts = [BASE_ADAPTER, *loaded]
+    before = {e: r.score("q", DOCS, expert=e) for e in experts}
+    layers = sum(isinstance(m, LoraLayer) for m in r.model.modules())
+    for kind, folder in _broken_adapters(tiny_adapters["legal"], tmp_path).items():
+        with pytest.raises(ValueError, match=f"{kind}.adapter_model.safetensors"):
+            r.add_expert("legal", folder)
+        assert r.experts == loaded
+        assert sum(isinstance(m, LoraLayer) for m in r.model.modules()) == layers, kind
+        assert {e: r.score("q", DOCS, expert=e) for e in experts} == before, kind  # exactly: the same model
+    r.add_expert("legal", tiny_adapters["legal"])
+    assert r.experts == [*loaded, "legal"]
+    assert r.score("q", DOCS, expert=BASE_ADAPTER) == pytest.approx(before[BASE_ADAPTER], abs=1e-6)
+    assert r.score("q", DOCS, expert="legal") != pytest.approx(before[BASE_ADAPTER], abs=1e-3)

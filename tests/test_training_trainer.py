@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from r2r_core.training.checkpoint import load_checkpoint
 from r2r_core.training.curation import TrainGroup
 from r2r_core.training.loss import group_infonce
 from r2r_core.training.selection import DevQuery, ndcg_at_k, precision_at_k
@@ -176,8 +177,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, temp
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     r = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == r.keys() and all(torch.equal(a[k], r[k]) for k in a)
-    fa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["trainable"]
-    fr = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["trainable"]
+    fa = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["trainable"]
+    fr = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["trainable"]
     assert all(torch.equal(fa[k], fr[k]) for k in fa), "final (not only best) weights must match too"
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
@@ -240,3 +241,75 @@ def test_wall_clock_budget_stops_early_and_keeps_the_best(backbone, template, tm
              if json.loads(x).get("event") == "eval"]
     assert evals == [0, res.steps_done], "the stopping point is evaluated before the adapter is exported"
     assert (tmp_path / "t" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_checkpoints_hold_only_tensors_and_json_and_resume_without_unpickling(backbone, template, tmp_path):
+    """checkpoint.pt loads with torch.load(weights_only=True) and nothing allowed besides; a pickle that would run
+    code on load is refused and does not run."""
+    train_adapter(backbone.model, backbone.tokenizer, template, "judge", _groups(), _config(steps=4, save_every=2),
+                  tmp_path / "r", progress=False, stop_after=2)
+    raw = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert set(raw) == {"tensors", "json"} and all(isinstance(t, torch.Tensor) for t in raw["tensors"].values())
+    meta = json.loads(raw["json"])
+    assert meta["state"]["step"] == 2 and "numpy" in meta["rng"] and "param_groups" in meta["optimizer"]
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert ckpt["state"]["step"] == 2 and ckpt["trainable"] and ckpt["optimizer"]["state"]
+
+    ran = tmp_path / "ran"
+    import pathlib
+
+    class Payload:
+        def __reduce__(self):
+            return (pathlib.Path.touch, (ran,))
+
+    torch.save({"trainable": Payload(), "optimizer": {}, "scheduler": {}, "rng": {}, "state": {}},
+               tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a readable r2r training checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not ran.exists(), "loading a checkpoint must never run code"
+
+
+def test_a_checkpoint_of_the_pickled_format_still_resumes(tmp_path):
+    """Checkpoints written before the tensor + JSON format (the NumPy RNG state pickled as an array) load with
+    weights_only=True and NumPy's array types allowed, so an interrupted run of an older version resumes."""
+    import random
+
+    import numpy as np
+
+    from r2r_core.training.checkpoint import atomic_save, capture_rng, restore_rng
+
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([w])
+    rng = capture_rng()
+    atomic_save({"trainable": {"w": w.detach()}, "optimizer": opt.state_dict(), "scheduler": {}, "rng": rng,
+                 "state": {"step": 5}, "config": {}}, tmp_path / "checkpoint.pt")
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    restore_rng(ckpt["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+    assert ckpt["state"] == {"step": 5} and torch.equal(ckpt["trainable"]["w"], w.detach())
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path):
+    from r2r_core.training.trainer import _truncate_log
+
+    log = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "loss": 1.0 / s} for s in range(1, 6)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 6, "lo')  # killed mid-write
+    _truncate_log(log, 4)
+    assert [json.loads(x) for x in log.read_text().splitlines()] == records[:4]
+    _truncate_log(log, 4)  # and again: idempotent
+    assert log.read_text().endswith("\n") and len(log.read_text().splitlines()) == 4
+
+
+def test_resume_after_a_kill_mid_log_write(backbone, template, tmp_path):
+    cfg = _config(steps=6, save_every=2, eval_every=100)
+    train_adapter(backbone.model, backbone.tokenizer, template, "judge", _groups(), cfg, tmp_path / "r",
+                  progress=False, stop_after=3)  # checkpoint at 2, log up to 3
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 4, "loss": 0.')
+    res = train_adapter(backbone.model, backbone.tokenizer, template, "judge", _groups(), cfg, tmp_path / "r",
+                        progress=False)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert res.completed and steps == list(range(1, 7))

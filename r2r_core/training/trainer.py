@@ -37,12 +37,11 @@ import torch
 
 from r2r_core.training.checkpoint import (
     atomic_json,
-    atomic_save,
     atomic_save_tensors,
-    capture_rng,
     load_checkpoint,
     replace_dir,
     restore_rng,
+    save_checkpoint,
 )
 from r2r_core.training.curation import TrainGroup
 from r2r_core.training.loss import group_loss
@@ -233,10 +232,19 @@ def _load_trainable(model, state: dict[str, torch.Tensor], source: str) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (those of the checkpoint resumed from). A line that
+    is not JSON -- the last one, torn by a kill in the middle of a write -- is dropped."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-            and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            logger.warning("%s: dropping a torn record %.60r", path, line)
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
@@ -390,9 +398,9 @@ def train_adapter(
                         value, state["best_metric"], state["best_step"])
 
         def checkpoint() -> None:
-            atomic_save({"trainable": _trainable_state(peft_model), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": capture_rng(), "state": dict(state),
-                         "config": asdict(config)}, ckpt_path)
+            save_checkpoint(ckpt_path, trainable=_trainable_state(peft_model), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), state=dict(state),
+                            config=json.loads(json.dumps(asdict(config))))
 
         if state["step"] == 0 and config.eval_at_start and dev:
             evaluate(0)
