@@ -21,11 +21,13 @@ def test_shipped_recipes_parse(name):
         assert recipe.stage_config(stage).steps >= 1
 
 
-def test_default_recipe_keeps_the_paper_settings():
+def test_default_recipe_is_the_cheap_recipe():
     recipe = load_recipe(RECIPES / "default.toml")
-    assert recipe.curation.num_negatives == 7  # 1 positive + 7 negatives
+    assert recipe.curation.num_negatives == 7 and recipe.curation.num_random_negatives == 1  # 6 hard + 1 random
     lora = recipe.train.lora
-    assert (lora.r, lora.alpha, lora.dropout) == (32, 64, 0.05)
+    assert (lora.r, lora.alpha, lora.dropout, lora.top_layers) == (16, 32, 0.05, 10)
+    assert recipe.train.max_length == 192 and recipe.train.bce_weight > 0
+    assert recipe.output.general_expert and recipe.output.warm_start
     assert sorted(lora.target_modules) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert recipe.train.tau == 1.0 and recipe.output.time_budget_s is not None
 
