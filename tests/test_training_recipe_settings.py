@@ -10,30 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+# the tiny backbone, its chat template and the one-thread CPU setting of the trainer tests
+from test_training_trainer import _fast_cpu, backbone, template  # noqa: E402,F401
+
 from r2r_core.training.curation import TrainGroup
 from r2r_core.training.loss import group_bce, group_infonce, group_loss
 from r2r_core.training.trainer import LoraSettings, RunMismatchError, TrainConfig, train_adapter
 
 SUBJECTS = ["asthma", "revenue", "warranty", "migraine", "goodwill", "arbitration"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_cpu(fast_cpu_module):
-    yield
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_model_dir):
-    from r2r_core.backbone import load_backbone
-
-    return load_backbone(str(tiny_model_dir), device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def template(backbone):
-    from r2r_core.templates import template_from_chat
-
-    return template_from_chat(backbone.tokenizer)
 
 
 def _groups() -> list[TrainGroup]:
