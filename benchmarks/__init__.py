@@ -90,8 +90,8 @@ def peak_shapes(config, tokens: int) -> list[tuple[int, int, int]]:
 
 def _matmul_backends(a: torch.Tensor, b: torch.Tensor) -> dict:
     """The CPU's matmul kernels for ``a @ b``: PyTorch's (MKL for fp32 in the official wheels, oneDNN for bf16)
-    and oneDNN's linear op where PyTorch has it (what :mod:`r2r_core.cpu_linear` runs fp32 layers on)."""
-    from r2r_core.cpu_linear import has_onednn_linear, onednn_linear
+    and oneDNN's linear op where PyTorch has it (:mod:`benchmarks.onednn_linear`, which can beat MKL in fp32)."""
+    from benchmarks.onednn_linear import has_onednn_linear, onednn_linear
 
     backends = {"aten": lambda: a @ b}
     if has_onednn_linear():
@@ -103,7 +103,7 @@ def _matmul_backends(a: torch.Tensor, b: torch.Tensor) -> dict:
 def matmul_peak(dtype: torch.dtype, shapes: list[tuple[int, int, int]], reps: int) -> dict:
     """The machine's matmul peak in GFLOP/s: the best rate of ``reps`` runs of each ``(m, k, n)`` matmul, over all
     shapes (a square one and the model's own linear layers, which can run faster than a square matmul) and both
-    kernels (:func:`_matmul_backends`: on this project's AMD CPU oneDNN's fp32 matmul is 10-40% faster than MKL's)."""
+    kernels (:func:`_matmul_backends`)."""
     per_shape = {}
     with torch.inference_mode():
         for m, k, n in shapes:

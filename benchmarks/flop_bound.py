@@ -46,7 +46,6 @@ from benchmarks import FlopModel, matmul_peak, peak_shapes  # noqa: E402
 from benchmarks.speed import DOC_TOKENS, QUERY, equal_docs, word_pool  # noqa: E402
 from r2r_core import R2RReranker  # noqa: E402
 from r2r_core.attention import grouped_sdpa_attention, grouped_sdpa_mask  # noqa: E402
-from r2r_core.cpu_linear import linear  # noqa: E402
 from r2r_core.router import _decoder_layers  # noqa: E402
 from r2r_core.scoring import prefix_cached_margins  # noqa: E402
 
@@ -83,7 +82,7 @@ def layer_kernels(layer: torch.nn.Module, config, rows: int, length: int, cached
     fns = {}
     for name, w in weights.items():
         x = torch.randn(rows * length, w.shape[1]).to(dtype)
-        fns[f"linear {name}"] = lambda x=x, w=w: linear(x, w)  # r2r's kernel: oneDNN for fp32, torch's for bf16
+        fns[f"linear {name}"] = lambda x=x, w=w: torch.nn.functional.linear(x, w)  # r2r's kernel
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     heads, kv_heads, keys = config.num_attention_heads, config.num_key_value_heads, cached + length
     q = torch.randn(rows, heads, length, head_dim).to(dtype)
@@ -145,7 +144,7 @@ def profiled_shares(engine) -> dict[str, float]:
         engine()
     self_time = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     total = sum(self_time.values())
-    matmul = sum(self_time.get(k, 0) for k in ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise"))
+    matmul = sum(self_time.get(k, 0) for k in ("aten::mm", "aten::addmm", "aten::bmm"))
     matmul /= total
     attention = sum(t for k, t in self_time.items() if "scaled_dot_product" in k) / total
     return {"matmul": matmul, "attention": attention, "other": 1 - matmul - attention}

@@ -15,7 +15,7 @@ and inputs:
 
 * ``r2r``: ``R2RReranker.rerank`` / ``rerank_batch`` (prefix KV cache, yes/no-only LM head, length-sorted
   batches run side by side on the CPU threads, per-row LoRA experts, grouped-query attention folded into the
-  sequence, fp32 linear layers on oneDNN);
+  sequence);
 * ``reference``: what Qwen3-Reranker's model card does -- the whole prompt string per pair
   (``template.render``), tokenized with left padding and truncation to ``max_length``, a full forward
   (transformers' SDPA attention, torch's linear layers) with the full-vocabulary LM head of a separately
@@ -61,7 +61,6 @@ import torch  # noqa: E402
 from benchmarks import FlopModel, PeakRss, matmul_peak, one_thread, peak_shapes, rss_mb, spearman, timed  # noqa: E402
 from r2r_core import BASE_ADAPTER, DEFAULT_BASE, LatentRouter, R2RReranker  # noqa: E402
 from r2r_core.backbone import load_backbone, offline_default_checkpoint  # noqa: E402
-from r2r_core.cpu_linear import restore_linears  # noqa: E402
 from r2r_core.runtime import resolve_dtype  # noqa: E402
 from r2r_core.scoring import YesNoIds  # noqa: E402
 
@@ -95,7 +94,6 @@ class Reference:
     def __init__(self, model_id: str, dtype: torch.dtype, template, batch_size: int, max_length: int):
         backbone = load_backbone(model_id, device="cpu", dtype=dtype)
         backbone.model.set_attn_implementation("sdpa")  # transformers' default, as the model card loads it
-        restore_linears(backbone.model)  # torch's own linear layers (MKL for fp32), as the model card runs them
         self.model, self.tokenizer, self.dtype = backbone.model, backbone.tokenizer, dtype
         self.tokenizer.padding_side, self.tokenizer.truncation_side = "left", "right"
         self.template, self.batch_size, self.max_length = template, batch_size, max_length

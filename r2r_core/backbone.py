@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from r2r_core.attention import use_grouped_attention
-from r2r_core.cpu_linear import use_onednn_linears
 from r2r_core.runtime import resolve_device, resolve_dtype, tune_cpu_allocator
 
 logger = logging.getLogger(__name__)
@@ -210,7 +209,6 @@ def load_backbone(
     model.eval()
     model.requires_grad_(False)
     use_grouped_attention(model)
-    use_onednn_linears(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
         if tokenizer.pad_token_id is None:

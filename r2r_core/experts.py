@@ -3,7 +3,8 @@
 Experts are never switched globally: every forward pass names the adapter of each row (``"__base__"`` for
 the bare backbone), through the calling thread's routing (:func:`r2r_core.lora_fold.thread_routing`) or
 peft's ``adapter_names``, so concurrent passes of different domains cannot see each other's expert. A batch
-whose rows all use one expert runs it folded into the weights for that call only (:mod:`r2r_core.lora_fold`).
+whose rows all use one expert runs it folded into the weights for that call only (:mod:`r2r_core.lora_fold`,
+installed on the LoRA layers of the experts loaded here).
 Each expert folder may carry ``r2r_expert.json`` with the fingerprint of the base weights it was trained on;
 an expert made for a different base model is refused.
 """
@@ -130,7 +131,7 @@ class ExpertSet:
         for pname, param in self.model.named_parameters():
             if f".{name}." in pname and param.dtype != dtype:
                 param.data = param.data.to(dtype)
-        install_lora_folding(self.model)
+        install_lora_folding(self.model, [*self._instructions, name])
         self.model.eval()
         self._instructions[name] = instruction
         logger.info("Loaded expert %r from %s", name, adapter_dir)

@@ -31,7 +31,7 @@ from functools import lru_cache
 
 import torch
 
-from r2r_core.lora_fold import routes_by_thread, thread_routing
+from r2r_core.lora_fold import BASE_ADAPTER, routes_by_thread, thread_routing
 from r2r_core.runtime import cpu_workers, map_batches
 from r2r_core.templates import PromptTemplate
 
@@ -50,7 +50,6 @@ __all__ = [
     "yes_no_margins",
 ]
 
-BASE_ADAPTER = "__base__"
 _MIN_DOC_TOKENS = 16
 _MIN_QUERY_TOKENS = 16
 _QUERY_SHARE = 2  # the query gets at most max_length // this many tokens

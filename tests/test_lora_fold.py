@@ -1,13 +1,16 @@
 """Folding a uniform batch's expert into the weight (for that call only) gives peft's per-row LoRA output, is
 used only where it is the smaller amount of work, and leaves mixed batches, the bare backbone and training to
-peft."""
+peft; it is installed only on layers of r2r's own experts, and where peft's layer lacks a field it reads, not at
+all (peft's adapter_names path, one warning, the same scores)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from r2r_core.lora_fold import folds_for, install_lora_folding
+from r2r_core.lora_fold import BASE_ADAPTER, folds_for, install_lora_folding
+
+EXPERTS = ("legal", "medical")
 
 
 @pytest.fixture
@@ -35,13 +38,13 @@ def peft_output(layer, x, names):
 def test_install_is_idempotent_and_covers_every_lora_layer(peft_model):
     n = len(lora_linears(peft_model))
     assert n == 2 * 4  # 2 layers x q/k/v/o
-    assert install_lora_folding(peft_model) == n
-    assert install_lora_folding(peft_model) == 0
+    assert install_lora_folding(peft_model, EXPERTS) == n
+    assert install_lora_folding(peft_model, EXPERTS) == 0
 
 
 @torch.inference_mode()
 def test_folded_uniform_batch_equals_peft_per_row_output(peft_model):
-    install_lora_folding(peft_model)
+    install_lora_folding(peft_model, EXPERTS)
     torch.manual_seed(0)
     for layer in lora_linears(peft_model):
         x = torch.randn(3, 40, layer.base_layer.in_features)
@@ -60,7 +63,7 @@ def test_the_whole_model_gives_peft_scores_with_folding(peft_model, tiny_model_d
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tok(["what does the contract say about termination " * 3] * 2, return_tensors="pt")
     want = peft_model(**ids, adapter_names=["medical", "medical"]).logits
-    install_lora_folding(peft_model)
+    install_lora_folding(peft_model, EXPERTS)
     got = peft_model(**ids, adapter_names=["medical", "medical"]).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     peft_model.set_adapter("medical")
@@ -78,17 +81,17 @@ def test_folding_only_where_it_is_less_work(peft_model):
 
 @torch.inference_mode()
 def test_mixed_batches_and_the_bare_backbone_go_through_peft(peft_model, monkeypatch):
-    install_lora_folding(peft_model)
+    install_lora_folding(peft_model, EXPERTS)
     calls = []
     real_addmm = torch.addmm
     monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or real_addmm(*a, **k))
     layer = lora_linears(peft_model)[0]
     x = torch.randn(3, 40, 32)
-    names = ["legal", "medical", "__base__"]
+    names = ["legal", "medical", BASE_ADAPTER]
     mixed = layer(x, adapter_names=names)
     for i, name in enumerate(names):  # each row as peft computes it alone (a GEMM of another shape: ~1e-4)
         torch.testing.assert_close(mixed[i : i + 1], peft_output(layer, x[i : i + 1], [name]), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(layer(x, adapter_names=["__base__"] * 3), layer.base_layer(x))
+    torch.testing.assert_close(layer(x, adapter_names=[BASE_ADAPTER] * 3), layer.base_layer(x))
     assert not calls
     layer(x, adapter_names=["legal"] * 3)
     assert calls  # the uniform batch did fold
@@ -103,9 +106,9 @@ def test_thread_routing_gives_peft_per_row_output_without_hooks(peft_model, tiny
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tok(["what does the contract say about termination " * 3] * 3, return_tensors="pt")
     assert not routes_by_thread(peft_model)  # peft's own layers only know adapter_names
-    for names in (["medical"] * 3, ["legal", "__base__", "medical"]):
+    for names in (["medical"] * 3, ["legal", BASE_ADAPTER, "medical"]):
         want = peft_model(**ids, adapter_names=names).logits
-        install_lora_folding(peft_model)
+        install_lora_folding(peft_model, EXPERTS)
         assert routes_by_thread(peft_model)
         with thread_routing(names):
             got = peft_model(**ids).logits  # no adapter_names: no peft hooks on the shared layers
@@ -128,8 +131,8 @@ def test_threads_running_one_model_at_once_keep_their_own_experts(peft_model, ti
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tok(["the licensee may terminate for convenience " * 4] * 2, return_tensors="pt")
-    install_lora_folding(peft_model)
-    plans = {"a": ["legal", "legal"], "b": ["medical", "__base__"]}
+    install_lora_folding(peft_model, EXPERTS)
+    plans = {"a": ["legal", "legal"], "b": ["medical", BASE_ADAPTER]}
     with torch.inference_mode():
         want = {k: peft_model(**ids, adapter_names=v).logits for k, v in plans.items()}
     assert not torch.allclose(want["a"], want["b"], atol=1e-3)
@@ -158,9 +161,69 @@ def test_routes_by_thread_is_recomputed_when_the_adapters_change(peft_model):
 
     from r2r_core.lora_fold import routes_by_thread
 
-    install_lora_folding(peft_model)
+    install_lora_folding(peft_model, EXPERTS)
     assert routes_by_thread(peft_model)
     peft_model.add_adapter("mlp", LoraConfig(r=2, target_modules=["gate_proj"]))
     assert not routes_by_thread(peft_model)
-    assert install_lora_folding(peft_model) > 0
+    assert install_lora_folding(peft_model, EXPERTS) == 0  # not one of r2r's experts: its layers stay peft's
+    assert not routes_by_thread(peft_model)
+    assert install_lora_folding(peft_model, [*EXPERTS, "mlp"]) > 0
     assert routes_by_thread(peft_model)
+
+
+def test_layers_carrying_another_adapter_keep_pefts_forward(peft_model):
+    """Folding is installed only where every adapter of a layer is one of the experts r2r names."""
+    from r2r_core.lora_fold import routes_by_thread
+
+    assert install_lora_folding(peft_model, ["legal"]) == 0  # every layer also carries "medical"
+    assert not any("forward" in m.__dict__ for m in lora_linears(peft_model))
+    assert not routes_by_thread(peft_model)
+
+
+@pytest.fixture
+def peft_without_fan_in_fan_out(monkeypatch):
+    """peft's LoRA ``Linear`` as a version without the ``fan_in_fan_out`` field would build it (peft's own forward
+    does not read it; the folding forward does)."""
+    from peft.tuners.lora import Linear
+
+    from r2r_core import lora_fold
+
+    real_init = Linear.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        del self.fan_in_fan_out
+
+    monkeypatch.setattr(Linear, "__init__", init)
+    monkeypatch.setattr(lora_fold, "_warned", set())  # the warning is given once per process
+
+
+def test_a_peft_layer_without_a_needed_field_falls_back_to_peft_with_one_warning(
+        peft_without_fan_in_fan_out, tiny_bundle_dir, tiny_reranker, caplog):
+    import logging
+
+    from r2r_core import R2RReranker
+    from r2r_core.lora_fold import routes_by_thread
+
+    with caplog.at_level(logging.WARNING, logger="r2r_core.lora_fold"):
+        rr = R2RReranker.from_pretrained(tiny_bundle_dir, device="cpu", dtype="float32", batch_size=4)
+    warnings = [r for r in caplog.records if r.name == "r2r_core.lora_fold"]
+    assert len(warnings) == 1 and "fan_in_fan_out" in warnings[0].getMessage()  # three experts, one warning
+    assert len(rr.experts) == 3 and not routes_by_thread(rr.model)
+    assert not any("forward" in m.__dict__ for m in lora_linears(rr.model))
+    assert routes_by_thread(tiny_reranker.model)  # the same bundle with peft's fields: folded and routed by thread
+    docs = ["the licensee may terminate the agreement for convenience", "metformin lowers blood sugar",
+            "revenue grew by ten percent", "a clause on governing law and jurisdiction " * 3]
+    for expert in (None, "legal", "medical", BASE_ADAPTER):
+        got = {r.index: r.margin for r in rr.rerank("can the licensee terminate the contract?", docs, expert=expert)}
+        want = {r.index: r.margin for r in tiny_reranker.rerank("can the licensee terminate the contract?", docs,
+                                                                expert=expert)}
+        # folded weight against peft's two thin matmuls, through two fp32 layers: sums in another order, ~1e-5
+        # relative on margins of ~10
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+    batch = rr.rerank_batch(["can the licensee terminate?", "side effects of metformin?"], [docs, docs],
+                            experts=["legal", "medical"])  # a batch that mixes experts, through peft's hooks
+    ref = tiny_reranker.rerank_batch(["can the licensee terminate?", "side effects of metformin?"], [docs, docs],
+                                     experts=["legal", "medical"])
+    for a, b in zip(batch, ref):
+        assert {r.index: r.margin for r in a} == pytest.approx({r.index: r.margin for r in b}, rel=1e-4, abs=1e-4)

@@ -1,34 +1,24 @@
-"""Linear layers on oneDNN for fp32 inference on the CPU.
+"""Experiment, not part of r2r: fp32 linear layers on oneDNN's linear op for inference on the CPU.
 
-PyTorch runs an fp32 ``nn.Linear`` on the CPU through its BLAS -- MKL in the official wheels -- and a bf16 one
-through oneDNN. On this project's AMD EPYC (AVX-512) MKL's sgemm reaches 84-92 GFLOP/s per core on SmolLM2's
-linear shapes and oneDNN's 100-108 (2,560 x 1,536 x 576: 152 against 211 GFLOP/s on two threads). With the
-linear layers on oneDNN an fp32 rerank is 9% faster on one thread (12 candidates of 156 tokens) and 11% faster
-on two (48 candidates, two workers); margins move by rounding only (<= 3e-5). bf16 already runs on oneDNN and
-is left as it is.
+PyTorch runs an fp32 ``nn.Linear`` on the CPU through its BLAS (MKL in the official wheels) and a bf16 one through
+oneDNN. On some CPUs oneDNN's fp32 kernel is faster; this module lets the benchmarks measure that
+(:func:`benchmarks.matmul_peak` times both kernels, ``speed.py --onednn-linears`` switches r2r's backbone).
+The op, ``torch.ops.mkldnn._linear_pointwise``, is private to PyTorch, which is why r2r itself does not use it.
+Measurements: ``benchmarks/RESULTS.md``.
 
-:func:`use_onednn_linears` switches the ``torch.nn.Linear`` layers of a loaded model (the backbone loader does
-it); :func:`linear` is the function they call, also used for the folded expert weights of
-:mod:`r2r_core.lora_fold`. The op is ``torch.ops.mkldnn._linear_pointwise``, the one inductor emits for frozen
-linear layers on the CPU. Everything else -- gradients (training), another device or dtype, inputs of fewer
-than two dimensions, ``torch.compile`` tracing, PyTorch builds without oneDNN, and ``R2R_ONEDNN_LINEAR=0`` --
-runs ``torch.nn.functional.linear`` unchanged.
+:func:`use_onednn_linears` switches the plain ``torch.nn.Linear`` layers of a loaded model to :func:`linear`;
+:func:`restore_linears` undoes it. :func:`linear` calls the op for fp32 CPU inputs without gradients and
+``torch.nn.functional.linear`` for everything else (training, other dtypes or devices, ``torch.compile`` tracing,
+PyTorch builds without oneDNN).
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import types
-from functools import lru_cache
 
 import torch
 
-__all__ = ["has_onednn_linear", "linear", "onednn_linear", "onednn_linear_available", "restore_linears",
-           "use_onednn_linears"]
-
-logger = logging.getLogger(__name__)
-_ENV = "R2R_ONEDNN_LINEAR"
+__all__ = ["has_onednn_linear", "linear", "onednn_linear", "restore_linears", "use_onednn_linears"]
 
 
 def has_onednn_linear() -> bool:
@@ -42,22 +32,12 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-@lru_cache(maxsize=1)
-def onednn_linear_available() -> bool:
-    """Whether :func:`linear` can use oneDNN: PyTorch built with it, and not turned off with
-    ``R2R_ONEDNN_LINEAR=0``."""
-    if os.environ.get(_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
-        logger.info("%s=0: fp32 linear layers stay on PyTorch's BLAS", _ENV)
-        return False
-    return has_onednn_linear()
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.nn.functional.linear(x, weight, bias)``, computed by oneDNN for fp32 inference on the CPU."""
     if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 2 and weight.dim() == 2
             and x.device.type == "cpu" and weight.device.type == "cpu" and x.numel() > 0
             and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"))
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and onednn_linear_available()):
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and has_onednn_linear()):
         return onednn_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -72,7 +52,7 @@ def _switched(module: torch.nn.Module) -> bool:
 
 def use_onednn_linears(model: torch.nn.Module) -> int:
     """Make every plain ``torch.nn.Linear`` of ``model`` compute through :func:`linear` (idempotent; subclasses,
-    such as quantized linear layers, are left). Returns how many layers were switched now."""
+    such as peft's LoRA layers or quantized layers, are left). Returns how many layers were switched now."""
     count = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear and not _switched(module):
