@@ -1,20 +1,39 @@
-"""What the framework adapters (LlamaIndex, LangChain) share: option checks and the engine they use.
+"""What the framework adapters (LlamaIndex, LangChain) share: option checks, the engine they use, its identity.
 
 Both adapters accept either loading options (``model``, ``device``, ``dtype``, ``batch_size``,
-``max_length``) or an already loaded ``reranker`` to share, and an optional fixed ``expert``.
+``max_length``, ``template``, ``instruction``, ``trust_remote_code`` and the ``engine_kwargs`` escape hatch,
+all passed to :meth:`R2RReranker.from_pretrained`) or an already loaded ``reranker`` to share, and an optional
+fixed ``expert``. Without ``reranker=``, engines come from :func:`r2r_core.engines.shared_engine`, so adapters
+with equal loading options share one. With it, the adapter's loading fields are set from the engine
+(:func:`engine_options`), so serialising the adapter says what it really runs.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
+from typing import Any
 
+from r2r_core.engines import shared_engine
 from r2r_core.reranker import R2RReranker
-from r2r_core.scoring import BASE_ADAPTER
+from r2r_core.scoring import BASE_ADAPTER, check_max_length
 
-__all__ = ["LOAD_FIELDS", "check_positive", "check_score_threshold", "check_top_n", "resolve_engine"]
+__all__ = [
+    "LOAD_FIELDS",
+    "check_engine_kwargs",
+    "check_max_length",
+    "check_positive",
+    "check_score_threshold",
+    "check_top_n",
+    "engine_name",
+    "engine_options",
+    "event_model_name",
+    "resolve_engine",
+]
 
 #: The adapter fields that only matter when the adapter loads the engine itself.
-LOAD_FIELDS = ("model", "device", "dtype", "batch_size", "max_length")
+LOAD_FIELDS = ("model", "device", "dtype", "batch_size", "max_length", "template", "instruction",
+               "trust_remote_code", "engine_kwargs")
 
 
 def check_top_n(value: int | None) -> int | None:
@@ -35,6 +54,26 @@ def check_positive(name: str, value: int) -> int:
     return value
 
 
+def _from_pretrained_params() -> set[str]:
+    params = inspect.signature(R2RReranker.from_pretrained).parameters
+    return {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def check_engine_kwargs(value: dict[str, Any] | None) -> dict[str, Any]:
+    """``engine_kwargs``: further keyword arguments of :meth:`R2RReranker.from_pretrained` that the adapters have
+    no field for (such as ``use_prefix_cache=False``). Adapter fields and unknown names are refused."""
+    value = dict(value or {})
+    fields = sorted(set(value) & set(LOAD_FIELDS))
+    if fields:
+        raise ValueError(f"`engine_kwargs` must not repeat the adapter's own fields {fields}; set them directly")
+    unknown = sorted(set(value) - _from_pretrained_params())
+    if unknown:
+        allowed = sorted(_from_pretrained_params() - set(LOAD_FIELDS))
+        raise ValueError(f"`engine_kwargs` has {unknown}, which R2RReranker.from_pretrained does not take; "
+                         f"allowed: {allowed}")
+    return value
+
+
 def resolve_engine(
     reranker: R2RReranker | None,
     fields_set: Iterable[str],
@@ -45,11 +84,16 @@ def resolve_engine(
     batch_size: int,
     max_length: int,
     expert: str | None,
+    template: str | None = None,
+    instruction: str | None = None,
+    trust_remote_code: bool = False,
+    engine_kwargs: dict[str, Any] | None = None,
 ) -> R2RReranker:
-    """The shared ``reranker`` or a newly loaded one; ``expert``, when fixed, must be one of its experts.
+    """The given ``reranker``, or the shared engine for these loading options; ``expert``, when fixed, must be
+    one of its experts.
 
-    ``fields_set`` names the options the user passed explicitly: loading options next to a shared
-    engine are refused, since they could not take effect.
+    ``fields_set`` names the options the user passed explicitly: loading options next to a given engine are
+    refused, since they could not take effect.
     """
     if reranker is not None:
         clashing = sorted(set(LOAD_FIELDS) & set(fields_set))
@@ -58,11 +102,47 @@ def resolve_engine(
                 "pass either `reranker` (an already loaded engine) or loading options, not both; "
                 f"got reranker and {', '.join(clashing)}"
             )
+        if not isinstance(reranker, R2RReranker):
+            raise TypeError(f"`reranker` must be an r2r_core.R2RReranker, got {type(reranker).__name__}")
         engine = reranker
     else:
-        engine = R2RReranker.from_pretrained(
-            model, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length
+        engine = shared_engine(
+            model, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length, template=template,
+            instruction=instruction, trust_remote_code=trust_remote_code, **check_engine_kwargs(engine_kwargs),
         )
     if expert is not None and expert != BASE_ADAPTER and expert not in engine.experts:
         raise KeyError(f"`expert` {expert!r} is not in the reranker; available: {[BASE_ADAPTER, *engine.experts]}")
     return engine
+
+
+def engine_options(engine: R2RReranker) -> dict[str, Any]:
+    """The adapter loading fields that describe ``engine``: what it was loaded with (the device and dtype it
+    actually picked); for an engine built without ``from_pretrained``, what can be read off it."""
+    opts = engine.load_options
+    if opts is None:
+        return {
+            "model": engine.backbone.model_id, "device": str(engine.backbone.device),
+            "dtype": str(engine.backbone.dtype).removeprefix("torch."), "batch_size": engine.batch_size,
+            "max_length": engine.encoder.max_length, "template": engine.template.name,
+            "instruction": engine.instruction, "trust_remote_code": False, "engine_kwargs": {},
+        }
+    out = {k: opts[k] for k in LOAD_FIELDS if k in opts}
+    out["engine_kwargs"] = {k: v for k, v in opts.items()
+                            if k not in LOAD_FIELDS and v != _default_of(k)}
+    return out
+
+
+def _default_of(name: str) -> Any:
+    param = inspect.signature(R2RReranker.from_pretrained).parameters.get(name)
+    return None if param is None else param.default
+
+
+def engine_name(engine: R2RReranker) -> str:
+    """What the engine was loaded from: ``"default"``, a bundle folder or a model id (the backbone's id for an
+    engine built directly)."""
+    return engine.load_options["model"] if engine.load_options else engine.backbone.model_id
+
+
+def event_model_name(engine: R2RReranker, expert: str) -> str:
+    """The ``model_name`` the adapters report in events: ``"<bundle>:<expert>"``, e.g. ``"default:medical"``."""
+    return f"{engine_name(engine)}:{expert}"

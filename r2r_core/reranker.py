@@ -19,6 +19,7 @@ from r2r_core.scoring import (
     BASE_ADAPTER,
     PromptEncoder,
     YesNoIds,
+    check_max_length,
     install_yes_no_head,
     prefix_cached_margins,
     yes_no_margins,
@@ -110,30 +111,55 @@ class R2RReranker:
         self.use_prefix_cache = use_prefix_cache
         self._lock = threading.RLock()
         self._sources: dict[str, Path] = {}
+        #: What :meth:`from_pretrained` loaded this engine with (the model as given, the device and dtype it
+        #: picked, ...); None for an engine built directly. Adapters report it instead of their own defaults.
+        self.load_options: dict | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", *, device=None, dtype="auto",
                         batch_size: int = 16, max_length: int = 512, trust_remote_code: bool = False,
-                        template: str | PromptTemplate | None = None) -> R2RReranker:
+                        template: str | PromptTemplate | None = None, instruction: str | None = None,
+                        use_prefix_cache: bool = True) -> R2RReranker:
         """``"default"`` (the bundle shipped in the package), an R2R bundle folder, or any causal LM
-        (hub id or local folder), which is then used as a generalist with no experts."""
+        (hub id or local folder), which is then used as a generalist with no experts.
+
+        ``template`` (a built-in name or a :class:`PromptTemplate`) and ``instruction`` replace the bundle's;
+        experts that carry an instruction of their own keep it. ``batch_size`` and ``max_length`` are checked
+        before anything is loaded. The options used are kept in :attr:`load_options`."""
         if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
             raise ValueError(f"`name_or_path` must be 'default', a bundle folder or a model id, got {name_or_path!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
+        check_max_length(max_length)
+        if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+            raise ValueError(f"`instruction` must be a non-empty string or None, got {instruction!r}")
         path = DEFAULT_BUNDLE_DIR if str(name_or_path) == "default" else Path(name_or_path)
         if is_bundle(path):
-            return cls._from_bundle(path, device=device, dtype=dtype, batch_size=batch_size,
-                                    max_length=max_length, trust_remote_code=trust_remote_code, template=template)
-        if str(name_or_path) == "default":
+            self = cls._from_bundle(path, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                                    trust_remote_code=trust_remote_code, template=template, instruction=instruction,
+                                    use_prefix_cache=use_prefix_cache)
+        elif str(name_or_path) == "default":
             raise FileNotFoundError(f"the default bundle is missing ({DEFAULT_BUNDLE_DIR / 'r2r.json'}); "
                                     "reinstall r2r-rerank")
-        backbone = load_backbone(str(name_or_path), device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        tpl = get_template(template) if isinstance(template, str) else template
-        tpl = tpl or _guess_template(str(name_or_path), backbone.tokenizer)
-        return cls(backbone, tpl, batch_size=batch_size, max_length=max_length)
+        else:
+            backbone = load_backbone(str(name_or_path), device=device, dtype=dtype,
+                                     trust_remote_code=trust_remote_code)
+            tpl = get_template(template) if isinstance(template, str) else template
+            tpl = tpl or _guess_template(str(name_or_path), backbone.tokenizer)
+            self = cls(backbone, tpl, instruction=instruction, batch_size=batch_size, max_length=max_length,
+                       use_prefix_cache=use_prefix_cache)
+        self.load_options = {
+            "model": str(name_or_path), "device": str(self.backbone.device),
+            "dtype": str(self.backbone.dtype).removeprefix("torch."), "batch_size": batch_size,
+            "max_length": max_length, "trust_remote_code": trust_remote_code,
+            "template": template.name if isinstance(template, PromptTemplate) else template,
+            "instruction": instruction, "use_prefix_cache": use_prefix_cache,
+        }
+        return self
 
     @classmethod
-    def _from_bundle(cls, path: Path, *, template=None, **kwargs) -> R2RReranker:
+    def _from_bundle(cls, path: Path, *, template=None, instruction=None, **kwargs) -> R2RReranker:
         config = read_bundle(path)
         base = config.base_model
         backbone = load_backbone(base, device=kwargs["device"], dtype=kwargs["dtype"],
@@ -148,8 +174,9 @@ class R2RReranker:
         router = None
         if config.router is not None:
             router = LatentRouter.load(path, config.router["weights"], config.router["config"])
-        self = cls(backbone, tpl, instruction=config.instruction, router=router, threshold=config.threshold,
-                   batch_size=kwargs["batch_size"], max_length=kwargs["max_length"])
+        self = cls(backbone, tpl, instruction=instruction or config.instruction, router=router,
+                   threshold=config.threshold, batch_size=kwargs["batch_size"], max_length=kwargs["max_length"],
+                   use_prefix_cache=kwargs["use_prefix_cache"])
         for name, sub in config.experts.items():
             self.add_expert(name, path / sub, instruction=config.expert_instructions.get(name))
         self.fallback = config.fallback
@@ -233,12 +260,17 @@ class R2RReranker:
 
     # ------------------------------------------------------------------ scoring
     def _margins(self, queries: list[str], experts: list[str], docs_per_query: list[list[str]]) -> list[list[float]]:
-        prefixes, rows, counts = [], [], []
+        prefixes, rows, counts, n_cut = [], [], [], 0
         for qi, (query, expert, docs) in enumerate(zip(queries, experts, docs_per_query)):
-            prefix, tails = self.encoder.encode(self._instruction_for(expert), query, docs)
+            prefix, tails, cut = self.encoder.encode_counting_cuts(self._instruction_for(expert), query, docs)
             prefixes.append(prefix)
             rows.extend((qi, t) for t in tails)
             counts.append(len(tails))
+            n_cut += cut
+        if n_cut:  # once per call, with the count, so a caller sees every call that lost text
+            logger.warning("%d of %d documents were longer than max_length=%d tokens allows beside the query and "
+                           "the template, and were cut to fit; raise max_length or split long documents",
+                           n_cut, len(rows), self.encoder.max_length)
         with self._lock, torch.inference_mode():
             if self.use_prefix_cache:
                 flat = prefix_cached_margins(self.model, prefixes, experts, rows, self.tokenizer.pad_token_id,
@@ -320,6 +352,14 @@ class R2RReranker:
                      score_threshold: float | None = None) -> list[list[RerankResult]]:
         """Rerank many queries at once; candidates of queries routed to different experts share batches.
         ``top_n`` and ``score_threshold`` apply per query, as in :meth:`rerank`."""
+        return self.rerank_batch_with_routes(queries, documents_per_query, top_n, experts, score_threshold)[1]
+
+    def rerank_batch_with_routes(self, queries: Sequence[str], documents_per_query: Sequence[Sequence[str]],
+                                 top_n: int | None = None, experts: Sequence[str | None] | None = None,
+                                 score_threshold: float | None = None
+                                 ) -> tuple[list[Route | None], list[list[RerankResult]]]:
+        """:meth:`rerank_batch`, and per query the router's decision (None where ``experts`` fixed the expert or
+        the query had no documents)."""
         threshold = _check_threshold(score_threshold)
         if isinstance(queries, str) or not isinstance(queries, Sequence):
             raise TypeError(f"`queries` must be a sequence of strings, got {type(queries).__name__}")
@@ -346,7 +386,7 @@ class R2RReranker:
         out: list[list[RerankResult]] = [[] for _ in queries]
         for i, m in zip(live, margins):
             out[i] = self._results(docs[i], m, chosen[i], top[i], threshold)
-        return out
+        return [routed.get(i) for i in range(len(queries))], out
 
     def __repr__(self) -> str:
         return (f"R2RReranker(base={self.backbone.model_id!r}, experts={self.experts}, "

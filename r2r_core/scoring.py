@@ -39,11 +39,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BASE_ADAPTER",
+    "MIN_MAX_LENGTH",
     "PromptEncoder",
     "TemplateTokenizer",
     "YesNoHead",
     "YesNoIds",
     "cache_kwargs",
+    "check_max_length",
     "encode_pair",
     "install_yes_no_head",
     "prefix_cached_margins",
@@ -54,6 +56,18 @@ _MIN_DOC_TOKENS = 16
 _MIN_QUERY_TOKENS = 16
 _QUERY_SHARE = 2  # the query gets at most max_length // this many tokens
 _CHARS_PER_TOKEN_BOUND = 32  # texts are cut to budget * this many characters before tokenizing
+MIN_MAX_LENGTH = 2 * _MIN_DOC_TOKENS  # the smallest prompt that leaves room for a document beside the template
+
+
+def check_max_length(value) -> int:
+    """``value`` if it is a usable prompt length (an int >= :data:`MIN_MAX_LENGTH`), else a ValueError naming it.
+
+    The one place this rule lives: the reranker checks it before loading anything, and the adapters call it
+    from their field validators, so a bad ``max_length`` fails at construction with this message."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_MAX_LENGTH:
+        raise ValueError(f"`max_length` must be an int >= {MIN_MAX_LENGTH} (tokens for the template, the query "
+                         f"and the document together), got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -187,8 +201,7 @@ class PromptEncoder:
     :meth:`query_budget` tokens, then the document to what is left; the suffix is never cut."""
 
     def __init__(self, tokenizer, template: PromptTemplate, max_length: int = 512):
-        if not isinstance(max_length, int) or max_length < 2 * _MIN_DOC_TOKENS:
-            raise ValueError(f"`max_length` must be an int >= {2 * _MIN_DOC_TOKENS}, got {max_length!r}")
+        check_max_length(max_length)
         self.tokenizer = tokenizer
         self.template = template
         self.max_length = max_length
@@ -244,16 +257,27 @@ class PromptEncoder:
         return budget
 
     def document_ids(self, documents: Sequence[str], budget: int) -> list[list[int]]:
+        return self._document_ids(documents, budget)[0]
+
+    def _document_ids(self, documents: Sequence[str], budget: int) -> tuple[list[list[int]], int]:
+        """Each document's ids cut to ``budget``, and how many documents lost text to the cut."""
         cut = budget * _CHARS_PER_TOKEN_BOUND
         texts = [self.template.doc_sep + doc[:cut] for doc in documents]
-        return [ids[:budget] for ids in self.text.plain(texts)]
+        ids = self.text.plain(texts)
+        n_cut = sum(len(doc) > cut or len(i) > budget for doc, i in zip(documents, ids))
+        return [i[:budget] for i in ids], n_cut
 
     def encode(self, instruction: str, query: str, documents: Sequence[str]) -> tuple[list[int], list[list[int]]]:
         """Prefix ids and, per document, ``document + suffix`` ids (the tail the prefix cache is extended by)."""
+        return self.encode_counting_cuts(instruction, query, documents)[:2]
+
+    def encode_counting_cuts(self, instruction: str, query: str, documents: Sequence[str]
+                             ) -> tuple[list[int], list[list[int]], int]:
+        """:meth:`encode`, and the number of documents that were cut to fit ``max_length``."""
         prefix = self.prefix_ids(instruction, query)
         suffix = self.suffix_ids(instruction)
-        docs = self.document_ids(documents, self.doc_budget(len(prefix), len(suffix)))
-        return prefix, [d + suffix for d in docs]
+        docs, n_cut = self._document_ids(documents, self.doc_budget(len(prefix), len(suffix)))
+        return prefix, [d + suffix for d in docs], n_cut
 
 
 def encode_pair(tokenizer, template: PromptTemplate, instruction: str, query: str, document: str,

@@ -2,6 +2,9 @@
 
 Thin by design: documents become strings for :class:`r2r_core.R2RReranker`, results become
 *copies* of the documents with the score, the expert and the router probabilities in metadata.
+Besides the compressor interface it has ``rerank(documents, query, *, top_n=None)``, the
+``[{"index", "relevance_score"}]`` method of ``CohereRerank`` and ``JinaRerank``, and
+:meth:`R2RRerank.as_cross_encoder` for ``CrossEncoderReranker(model=...)``.
 """
 
 from __future__ import annotations
@@ -11,12 +14,21 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from langchain_core.callbacks import Callbacks
+from langchain_core.callbacks import AsyncCallbackManager, CallbackManager, Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
 from r2r_core import R2RReranker, RerankResult, Route
-from r2r_core.integration import check_positive, check_score_threshold, check_top_n, resolve_engine
+from r2r_core.integration import (
+    check_engine_kwargs,
+    check_max_length,
+    check_positive,
+    check_score_threshold,
+    check_top_n,
+    engine_name,
+    engine_options,
+    resolve_engine,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +37,10 @@ RELEVANCE_SCORE_KEY = "relevance_score"
 EXPERT_KEY = "r2r_expert"
 ROUTER_PROBABILITIES_KEY = "r2r_router_probabilities"
 RETRIEVAL_SCORE_KEY = "retrieval_score"
+RETRIEVAL_RANK_KEY = "retrieval_rank"
+#: Where ``keep_retrieval_score`` looks for the retriever's score, in this order: an earlier reranker's
+#: (``CohereRerank``, ``FlashrankRerank``, ...) and the key of LangChain's "add scores to retriever results" recipe.
+RETRIEVAL_SCORE_SOURCES = ("relevance_score", "score")
 
 
 class R2RRerank(BaseDocumentCompressor):
@@ -43,8 +59,15 @@ class R2RRerank(BaseDocumentCompressor):
         ... )
         >>> retriever.invoke("What are the side effects of metformin?")
 
-    Pass ``reranker=`` to share one loaded engine between several compressors (or with the
-    LlamaIndex adapter); the model is then loaded once.
+    Without ``reranker=``, compressors with equal loading options share one engine (loaded on first use,
+    freed when none holds it; see :mod:`r2r_core.engines`), so building one per request is cheap. Pass
+    ``reranker=`` to use an engine of your own; the loading fields then report that engine's options.
+
+    Callbacks: each ``compress_documents`` / ``acompress_documents`` call is a child run named ``R2RRerank``
+    of the run that passed ``callbacks`` (a ``ContextualCompressionRetriever`` passes its run manager's
+    child), so handlers and tracers see ``on_chain_start`` with the query, the documents and, in
+    ``metadata``, the bundle, and ``on_chain_end`` with the reranked documents, the expert and the router
+    probabilities (``on_chain_error`` on failure).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
@@ -64,11 +87,25 @@ class R2RRerank(BaseDocumentCompressor):
     device: str | None = Field(default=None, description="cuda / mps / cpu; None picks the best one.")
     dtype: str = Field(default="auto", description='"auto", "float32", "bfloat16" or "float16".')
     batch_size: int = Field(default=16, description="Query-document pairs per forward pass.")
-    max_length: int = Field(default=512, description="Prompt length in tokens; only documents are cut.")
+    max_length: int = Field(
+        default=512, description="Prompt length in tokens (at least 32); only documents are cut, with a warning."
+    )
+    template: str | None = Field(
+        default=None, description="A built-in prompt template (qwen3, chatml, bge-gemma); None keeps the bundle's."
+    )
+    instruction: str | None = Field(
+        default=None, description="Replaces the bundle's instruction (experts with their own keep it)."
+    )
+    trust_remote_code: bool = Field(default=False, description="Let transformers run the model repo's code.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further R2RReranker.from_pretrained keyword arguments, e.g. {'use_prefix_cache': False}.",
+    )
     keep_retrieval_score: bool = Field(
         default=False,
-        description='Move an incoming metadata["relevance_score"] to metadata["retrieval_score"] '
-        "instead of overwriting it.",
+        description='Keep what the retriever said: metadata["retrieval_rank"] is the document\'s 0-based position '
+        'in the retrieved list (every retriever orders its results), metadata["retrieval_score"] the score it '
+        'arrived with in metadata["relevance_score"] or metadata["score"] (None if it had neither).',
     )
     metadata_keys: list[str] = Field(
         default_factory=list,
@@ -94,10 +131,20 @@ class R2RRerank(BaseDocumentCompressor):
     def _check_threshold(cls, value: float | None) -> float | None:
         return check_score_threshold(value)
 
-    @field_validator("batch_size", "max_length")
+    @field_validator("batch_size")
     @classmethod
     def _check_positive(cls, value: int, info: Any) -> int:
         return check_positive(info.field_name, value)
+
+    @field_validator("max_length")
+    @classmethod
+    def _check_max_length(cls, value: int) -> int:
+        return check_max_length(value)  # the core's rule and message
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _check_engine_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_engine_kwargs(value)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
@@ -109,34 +156,92 @@ class R2RRerank(BaseDocumentCompressor):
             dtype=self.dtype,
             batch_size=self.batch_size,
             max_length=self.max_length,
+            template=self.template,
+            instruction=self.instruction,
+            trust_remote_code=self.trust_remote_code,
+            engine_kwargs=self.engine_kwargs,
             expert=self.expert,
         )
+        if self.reranker is not None:  # report what the given engine was loaded with, not the field defaults
+            for name, value in engine_options(self._engine).items():
+                setattr(self, name, value)
 
     @property
     def engine(self) -> R2RReranker:
         """The loaded :class:`r2r_core.R2RReranker` (pass it as ``reranker=`` to share it)."""
         return self._engine
 
+    def as_cross_encoder(self):
+        """An :class:`r2r_langchain.R2RCrossEncoder` on this compressor's engine and expert, for
+        ``CrossEncoderReranker(model=...)``."""
+        from r2r_langchain.cross_encoder import R2RCrossEncoder
+
+        return R2RCrossEncoder(reranker=self._engine, expert=self.expert)
+
+    def rerank(self, documents: Sequence[str | Document], query: str, *, top_n: int | None = None
+               ) -> list[dict[str, Any]]:
+        """``[{"index": i, "relevance_score": s}, ...]`` best first, as ``CohereRerank.rerank`` returns: ``index``
+        is the position in ``documents`` (strings or Documents), ``s`` the probability of relevance. ``top_n``
+        None returns every document; ``score_threshold`` and ``expert`` apply as in :meth:`compress_documents`."""
+        _check_query(query)
+        check_top_n(top_n)
+        texts = []
+        for i, d in enumerate(documents):
+            if isinstance(d, Document):
+                texts.append(self._text_of(d))
+            elif isinstance(d, str):
+                texts.append(d)
+            else:
+                raise TypeError(f"`documents[{i}]` must be a str or a langchain Document, got {type(d).__name__}")
+        results = self._engine.rerank(query, texts, top_n=top_n, expert=self.expert,
+                                      score_threshold=self.score_threshold)
+        return [{"index": r.index, "relevance_score": r.score} for r in results]
+
     def compress_documents(
         self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
     ) -> Sequence[Document]:
         """Return the ``top_n`` most relevant documents for ``query``, as scored copies, best first."""
         _check_query(query)
-        if not documents:
-            return []
-        route, results = self._rerank(query, documents)
-        return self._to_documents(documents, route, results)
+        run = CallbackManager.configure(
+            inheritable_callbacks=callbacks, local_metadata=self._run_metadata()
+        ).on_chain_start(None, {"query": query, "documents": list(documents)}, name="R2RRerank")
+        try:
+            route, results = self._rerank(query, documents) if documents else (None, [])
+            out = self._to_documents(documents, route, results)
+        except BaseException as exc:
+            run.on_chain_error(exc)
+            raise
+        run.on_chain_end(self._run_outputs(out, route, results))
+        return out
 
     async def acompress_documents(
         self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
     ) -> Sequence[Document]:
         """Async :meth:`compress_documents`: the forward passes run in a worker thread."""
         _check_query(query)
-        if not documents:
-            return []
-        # The expert is passed per call, so concurrent queries of different domains never share state.
-        route, results = await asyncio.to_thread(self._rerank, query, documents)
-        return self._to_documents(documents, route, results)
+        run = await AsyncCallbackManager.configure(
+            inheritable_callbacks=callbacks, local_metadata=self._run_metadata()
+        ).on_chain_start(None, {"query": query, "documents": list(documents)}, name="R2RRerank")
+        try:
+            # The expert is passed per call, so concurrent queries of different domains never share state.
+            route, results = await asyncio.to_thread(self._rerank, query, documents) if documents else (None, [])
+            out = self._to_documents(documents, route, results)
+        except BaseException as exc:
+            await run.on_chain_error(exc)
+            raise
+        await run.on_chain_end(self._run_outputs(out, route, results))
+        return out
+
+    def _run_metadata(self) -> dict[str, Any]:
+        return {"r2r_bundle": engine_name(self._engine), "r2r_fixed_expert": self.expert}
+
+    @staticmethod
+    def _run_outputs(out: list[Document], route: Route | None, results: list[RerankResult]) -> dict[str, Any]:
+        return {
+            "documents": out,
+            EXPERT_KEY: results[0].expert if results else route.expert if route is not None else None,
+            ROUTER_PROBABILITIES_KEY: dict(route.probabilities) if route is not None else {},
+        }
 
     # -- translation to and from the core --------------------------------------------------------
 
@@ -161,8 +266,10 @@ class R2RRerank(BaseDocumentCompressor):
         for result in results:
             original = documents[result.index]
             metadata = dict(original.metadata)
-            if self.keep_retrieval_score and RELEVANCE_SCORE_KEY in metadata:
-                metadata[RETRIEVAL_SCORE_KEY] = metadata[RELEVANCE_SCORE_KEY]
+            if self.keep_retrieval_score:
+                metadata[RETRIEVAL_RANK_KEY] = result.index
+                metadata[RETRIEVAL_SCORE_KEY] = next(
+                    (metadata[k] for k in RETRIEVAL_SCORE_SOURCES if metadata.get(k) is not None), None)
             metadata[RELEVANCE_SCORE_KEY] = result.score
             metadata[EXPERT_KEY] = result.expert
             metadata[ROUTER_PROBABILITIES_KEY] = dict(route.probabilities) if route is not None else {}

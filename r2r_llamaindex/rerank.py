@@ -19,7 +19,17 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
 from r2r_core import R2RReranker, RerankResult, Route
-from r2r_core.integration import check_positive, check_score_threshold, check_top_n, resolve_engine
+from r2r_core.integration import (
+    check_engine_kwargs,
+    check_max_length,
+    check_positive,
+    check_score_threshold,
+    check_top_n,
+    engine_name,
+    engine_options,
+    event_model_name,
+    resolve_engine,
+)
 
 logger = logging.getLogger(__name__)
 dispatcher = get_dispatcher(__name__)
@@ -45,8 +55,11 @@ class R2RRerank(BaseNodePostprocessor):
         >>> engine = index.as_query_engine(similarity_top_k=10, node_postprocessors=[R2RRerank(top_n=3)])
         >>> engine.query("What are the side effects of metformin?")
 
-    Pass ``reranker=`` to share one loaded engine between several postprocessors (or with the
-    LangChain adapter); the model is then loaded once.
+    Without ``reranker=``, postprocessors with equal loading options share one engine (loaded on first use,
+    freed when none holds it; see :mod:`r2r_core.engines`), so building one per request is cheap. Pass
+    ``reranker=`` to use an engine of your own; the loading fields then report that engine's options, so
+    ``to_dict()`` says what really runs. Events (``ReRankStartEvent.model_name`` and the callback payload's
+    ``MODEL_NAME``) name the bundle and the expert: ``"<bundle>:<expert>"``, e.g. ``"default:medical"``.
     """
 
     top_n: int | None = Field(
@@ -64,7 +77,20 @@ class R2RRerank(BaseNodePostprocessor):
     device: str | None = Field(default=None, description="cuda / mps / cpu; None picks the best one.")
     dtype: str = Field(default="auto", description='"auto", "float32", "bfloat16" or "float16".')
     batch_size: int = Field(default=16, description="Query-document pairs per forward pass.")
-    max_length: int = Field(default=512, description="Prompt length in tokens; only documents are cut.")
+    max_length: int = Field(
+        default=512, description="Prompt length in tokens (at least 32); only documents are cut, with a warning."
+    )
+    template: str | None = Field(
+        default=None, description="A built-in prompt template (qwen3, chatml, bge-gemma); None keeps the bundle's."
+    )
+    instruction: str | None = Field(
+        default=None, description="Replaces the bundle's instruction (experts with their own keep it)."
+    )
+    trust_remote_code: bool = Field(default=False, description="Let transformers run the model repo's code.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further R2RReranker.from_pretrained keyword arguments, e.g. {'use_prefix_cache': False}.",
+    )
     keep_retrieval_score: bool = Field(
         default=False, description='Keep the retriever\'s score in metadata["retrieval_score"].'
     )
@@ -90,10 +116,20 @@ class R2RRerank(BaseNodePostprocessor):
     def _check_threshold(cls, value: float | None) -> float | None:
         return check_score_threshold(value)
 
-    @field_validator("batch_size", "max_length")
+    @field_validator("batch_size")
     @classmethod
     def _check_positive(cls, value: int, info: Any) -> int:
         return check_positive(info.field_name, value)
+
+    @field_validator("max_length")
+    @classmethod
+    def _check_max_length(cls, value: int) -> int:
+        return check_max_length(value)  # the core's rule and message
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _check_engine_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_engine_kwargs(value)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
@@ -105,8 +141,15 @@ class R2RRerank(BaseNodePostprocessor):
             dtype=self.dtype,
             batch_size=self.batch_size,
             max_length=self.max_length,
+            template=self.template,
+            instruction=self.instruction,
+            trust_remote_code=self.trust_remote_code,
+            engine_kwargs=self.engine_kwargs,
             expert=self.expert,
         )
+        if self.reranker is not None:  # report what the given engine was loaded with, not the field defaults
+            for name, value in engine_options(self._engine).items():
+                setattr(self, name, value)
 
     @classmethod
     def class_name(cls) -> str:
@@ -119,15 +162,21 @@ class R2RRerank(BaseNodePostprocessor):
 
     # -- the two entry points -------------------------------------------------------------------
 
+    # The query is routed before the start events, so they can name the expert; scoring then runs with that
+    # expert fixed, which gives exactly the results of routing inside the rerank call.
+
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
         query = self._query_of(query_bundle)
-        dispatcher.event(self._start_event(nodes, query_bundle))
-        with self.callback_manager.event(CBEventType.RERANKING, payload=self._callback_payload(nodes, query)) as event:
-            route, results = self._rerank(query, nodes) if nodes else (None, [])
+        expert, route = self._route(query) if nodes else (None, None)
+        name = self._model_name(expert)
+        dispatcher.event(self._start_event(nodes, query_bundle, name))
+        payload = self._callback_payload(nodes, query, name)
+        with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
+            results = self._rerank(query, nodes, expert) if nodes else []
             reranked = self._to_nodes(nodes, route, results)
-            event.on_end(payload={EventPayload.NODES: reranked})
+            event.on_end(payload={EventPayload.NODES: reranked, EventPayload.MODEL_NAME: name})
         dispatcher.event(ReRankEndEvent(nodes=reranked))
         return reranked
 
@@ -135,15 +184,16 @@ class R2RRerank(BaseNodePostprocessor):
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
         query = self._query_of(query_bundle)
-        dispatcher.event(self._start_event(nodes, query_bundle))
-        with self.callback_manager.event(CBEventType.RERANKING, payload=self._callback_payload(nodes, query)) as event:
-            # The forward passes run in a worker thread so the event loop keeps serving other
-            # queries; the expert is passed per call, so concurrent queries never share state.
-            route, results = (None, [])
-            if nodes:
-                route, results = await asyncio.to_thread(self._rerank, query, nodes)
+        # The forward passes run in worker threads so the event loop keeps serving other queries; the
+        # expert is passed per call, so concurrent queries never share state.
+        expert, route = await asyncio.to_thread(self._route, query) if nodes else (None, None)
+        name = self._model_name(expert)
+        dispatcher.event(self._start_event(nodes, query_bundle, name))
+        payload = self._callback_payload(nodes, query, name)
+        with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
+            results = await asyncio.to_thread(self._rerank, query, nodes, expert) if nodes else []
             reranked = self._to_nodes(nodes, route, results)
-            event.on_end(payload={EventPayload.NODES: reranked})
+            event.on_end(payload={EventPayload.NODES: reranked, EventPayload.MODEL_NAME: name})
         dispatcher.event(ReRankEndEvent(nodes=reranked))
         return reranked
 
@@ -158,13 +208,19 @@ class R2RRerank(BaseNodePostprocessor):
             )
         return query_bundle.query_str
 
-    def _rerank(self, query: str, nodes: list[NodeWithScore]) -> tuple[Route | None, list[RerankResult]]:
+    def _route(self, query: str) -> tuple[str, Route | None]:
+        """The expert for ``query``: the fixed one, or the router's choice (with its decision)."""
+        if self.expert is not None:
+            return self.expert, None
+        route = self._engine.route(query)
+        return route.expert, route
+
+    def _rerank(self, query: str, nodes: list[NodeWithScore], expert: str) -> list[RerankResult]:
         texts = [n.node.get_content(metadata_mode=self.metadata_mode) for n in nodes]
-        route, results = self._engine.rerank_with_route(query, texts, top_n=self.top_n, expert=self.expert,
-                                                        score_threshold=self.score_threshold)
-        logger.debug("reranked %d nodes with expert %r for %r", len(texts),
-                     results[0].expert if results else self.expert, query[:80])
-        return route, results
+        results = self._engine.rerank(query, texts, top_n=self.top_n, expert=expert,
+                                      score_threshold=self.score_threshold)
+        logger.debug("reranked %d nodes with expert %r for %r", len(texts), expert, query[:80])
+        return results
 
     def _to_nodes(
         self, nodes: list[NodeWithScore], route: Route | None, results: list[RerankResult]
@@ -190,18 +246,19 @@ class R2RRerank(BaseNodePostprocessor):
             out.append(NodeWithScore(node=node, score=result.score))
         return out
 
-    def _model_name(self) -> str:
-        return str(getattr(self._engine.backbone, "model_id", self.model))
+    def _model_name(self, expert: str | None) -> str:
+        """``"<bundle>:<expert>"``; the bundle alone when there was nothing to route."""
+        return event_model_name(self._engine, expert) if expert is not None else engine_name(self._engine)
 
-    def _start_event(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None) -> ReRankStartEvent:
-        return ReRankStartEvent(
-            query=query_bundle, nodes=nodes, top_n=self.top_n or len(nodes), model_name=self._model_name()
-        )
+    def _start_event(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None, model_name: str
+    ) -> ReRankStartEvent:
+        return ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=self.top_n or len(nodes), model_name=model_name)
 
-    def _callback_payload(self, nodes: list[NodeWithScore], query: str) -> dict[str, Any]:
+    def _callback_payload(self, nodes: list[NodeWithScore], query: str, model_name: str) -> dict[str, Any]:
         return {
             EventPayload.NODES: nodes,
-            EventPayload.MODEL_NAME: self._model_name(),
+            EventPayload.MODEL_NAME: model_name,
             EventPayload.QUERY_STR: query,
             EventPayload.TOP_K: self.top_n or len(nodes),
         }
