@@ -1,30 +1,59 @@
 """Grouped-query attention with the query groups folded into the sequence, for inference on the CPU.
 
 A model with grouped-query attention (SmolLM2: 9 query heads share 3 key/value heads) reaches PyTorch's SDPA
-through transformers with its keys and values repeated to every query head, or with ``enable_gqa``; either way
-the CPU flash kernel then runs ``batch x heads`` small problems of ``length`` query rows each, ~10% of the
-useful speed of a matmul. Here the query heads that share a key/value head are stacked along the sequence
-instead: ``[batch, kv_heads, groups * length, head_dim]`` against the unrepeated keys and values, with the mask
-repeated per group. The kernel then runs a third as many problems with three times the rows (bigger, better
-blocked tiles) and reads each key/value head once: the same attention, 10-35% faster on this project's CPU.
-The result equals SDPA's (the same kernel computes the same rows; on SmolLM2's shapes the margins are identical).
+through transformers with its keys and values repeated to every query head (or ``enable_gqa``), so the CPU flash
+kernel runs ``batch x heads`` small problems. Here the query heads that share a key/value head are stacked along
+the sequence instead, ``[batch, kv_heads, groups * length, head_dim]`` against the unrepeated keys and values:
+fewer, taller problems, each key/value head read once, the same result as SDPA's. :func:`grouped_sdpa_mask` gives
+the matching mask, additive (0 / -inf) in the model's dtype and built once per forward pass instead of in every
+layer. Measurements: ``benchmarks/RESULTS.md``.
 
-The mask comes from :func:`grouped_sdpa_mask`: for inference on the CPU it is additive (0 / -inf) in the
-model's dtype, built once per forward pass. SDPA turns a boolean mask into that form on every call, i.e. in
-every layer: for a 12-candidate batch, 1.4 ms (bf16) to 3.8 ms (fp32) of a ~20 ms attention call in isolation;
-end to end, 22 ms of a 3.2 s bf16 batch on one thread (0.7%), and within the noise in fp32.
-
-:func:`use_grouped_attention` switches a loaded model to it. Calls it cannot serve -- another device, gradients
-(training), dropout, a single query token, extra options -- go to transformers' own SDPA function unchanged.
+:func:`use_grouped_attention` switches a loaded model to it by registering both functions under
+:data:`GROUPED_SDPA` in transformers' attention and mask registries (a name of r2r's own; no other entry
+changes). Where the installed transformers lacks that registry API, the model stays on transformers' SDPA, with
+one warning. Calls the grouped function cannot serve -- another device, gradients (training), dropout, a single
+query token, extra options -- go to transformers' own SDPA function unchanged.
 """
 
 from __future__ import annotations
 
+import logging
+from functools import lru_cache
+from types import SimpleNamespace
+
 import torch
 
-__all__ = ["GROUPED_SDPA", "grouped_sdpa_attention", "grouped_sdpa_mask", "use_grouped_attention"]
+__all__ = ["GROUPED_SDPA", "grouped_sdpa_attention", "grouped_sdpa_mask", "transformers_registry",
+           "use_grouped_attention"]
 
 GROUPED_SDPA = "r2r_grouped_sdpa"
+logger = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def transformers_registry() -> SimpleNamespace | None:
+    """What :func:`use_grouped_attention` needs from transformers -- ``AttentionInterface.register``, the mask
+    registry's ``register``, ``sdpa_mask``, ``sdpa_attention_forward`` and ``set_attn_implementation`` -- or None,
+    with one warning, where the installed version lacks any of them. Checked once, when the first backbone is
+    loaded (transformers is imported then anyway; ``import r2r_core`` does not import it)."""
+    try:
+        from transformers import AttentionInterface, PreTrainedModel
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401 (checked here, imported per call)
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: F401 (likewise)
+    except ImportError as exc:
+        missing = str(exc)
+    else:
+        needs = {"AttentionInterface.register": getattr(AttentionInterface, "register", None),
+                 "ALL_MASK_ATTENTION_FUNCTIONS.register": getattr(ALL_MASK_ATTENTION_FUNCTIONS, "register", None),
+                 "PreTrainedModel.set_attn_implementation": getattr(PreTrainedModel, "set_attn_implementation", None)}
+        missing = ", ".join(name for name, fn in needs.items() if not callable(fn))
+        if not missing:
+            return SimpleNamespace(attention=AttentionInterface, masks=ALL_MASK_ATTENTION_FUNCTIONS)
+    import transformers
+
+    logger.warning("transformers %s has no %s: attention stays on transformers' SDPA (the grouped attention is "
+                   "not used)", transformers.__version__, missing)
+    return None
 
 
 def grouped_sdpa_mask(*args, dtype: torch.dtype = torch.float32, device="cpu", **kwargs) -> torch.Tensor | None:
@@ -76,13 +105,13 @@ def grouped_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value
 def use_grouped_attention(model: torch.nn.Module) -> bool:
     """Switch ``model`` (loaded with ``attn_implementation="sdpa"``) to :func:`grouped_sdpa_attention` and its
     masks to :func:`grouped_sdpa_mask`. Returns whether it was switched (models on other attention
-    implementations are left)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
+    implementations, and every model where transformers lacks the registry API, are left)."""
     if getattr(model.config, "_attn_implementation", None) not in ("sdpa", GROUPED_SDPA):
         return False
-    AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, grouped_sdpa_mask)
+    registry = transformers_registry()
+    if registry is None:
+        return False
+    registry.attention.register(GROUPED_SDPA, grouped_sdpa_attention)
+    registry.masks.register(GROUPED_SDPA, grouped_sdpa_mask)
     model.set_attn_implementation(GROUPED_SDPA)
     return True

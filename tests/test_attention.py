@@ -126,3 +126,42 @@ def test_loaded_backbones_use_it_and_score_as_sdpa(tiny_model_dir):
     backbone.model.set_attn_implementation("eager")
     assert not use_grouped_attention(backbone.model)  # other implementations are left as they are
     assert backbone.model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("missing", ["register", "sdpa module"])
+def test_without_transformers_registry_api_the_model_stays_on_sdpa(tiny_model_dir, monkeypatch, caplog, missing):
+    """A transformers without the registry API r2r uses: one warning, the model keeps transformers' SDPA and
+    scores as the grouped attention does."""
+    import logging
+    import sys
+
+    import transformers
+
+    from r2r_core.attention import transformers_registry
+    from r2r_core.backbone import load_backbone
+    from r2r_core.scoring import yes_no_margins
+
+    grouped = load_backbone(str(tiny_model_dir), device="cpu", dtype="float32")
+    assert transformers_registry() is not None  # the installed transformers has it
+    ids = [grouped.tokenizer.encode(t) for t in ["a contract clause", "metformin side effects and dosing"]]
+    with torch.inference_mode():
+        want = yes_no_margins(grouped.model, ids, grouped.tokenizer.pad_token_id, 1, 2)
+    if missing == "register":  # the attention and mask registries' classmethod
+        monkeypatch.delattr(transformers.utils.generic.GeneralInterface, "register")
+    else:  # a module that cannot be imported (transformers' own models hold their references already)
+        monkeypatch.setitem(sys.modules, "transformers.integrations.sdpa_attention", None)
+    transformers_registry.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="r2r_core.attention"):
+            plain = load_backbone(str(tiny_model_dir), device="cpu", dtype="float32")
+            assert not use_grouped_attention(plain.model)
+        assert plain.model.config._attn_implementation == "sdpa"
+        assert len([r for r in caplog.records if r.name == "r2r_core.attention"]) == 1
+        with torch.inference_mode():
+            got = yes_no_margins(plain.model, ids, plain.tokenizer.pad_token_id, 1, 2)
+        # per-head SDPA against grouped through two fp32 layers: other tiles, other sums, ~1e-4 absolute
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    finally:
+        monkeypatch.undo()
+        transformers_registry.cache_clear()
+    assert transformers_registry() is not None
