@@ -98,13 +98,12 @@ _YES = {"1", "true", "yes", "on"}
 def tune_cpu_allocator() -> bool:
     """Keep freed activation buffers in the process instead of handing them back to the OS after every batch.
 
-    glibc serves large blocks with ``mmap`` and returns them on ``free``, so every forward pass on the CPU
-    page-faults its activations in again: ~420,000 faults (1.6 GB) per 32-candidate rerank with SmolLM2-135M,
-    10-25% of the time, and more on VMs that reclaim freed pages. With an mmap threshold of 64 MiB and a trim
-    threshold of 256 MiB the buffers are reused (a few hundred faults); the cost is at most ~256 MiB of freed
-    memory kept by the process. Process-wide, so opt-in: applied (once, glibc only) when ``R2R_TUNE_MALLOC=1``;
-    by default the allocator is left as it is (the process may preload jemalloc or tcmalloc, or tune it
-    itself). Returns whether it was applied.
+    glibc serves large blocks with ``mmap`` and returns them on ``free``, so every CPU forward pass page-faults its
+    activations in again. With an mmap threshold of 64 MiB and a trim threshold of 256 MiB they are reused; the
+    cost is up to ~256 MiB of freed memory kept by the process. Process-wide, so opt-in: applied (once, glibc on
+    Linux only) when ``R2R_TUNE_MALLOC=1``; by default the allocator is left as it is (the process may preload
+    jemalloc or tcmalloc, or tune it itself). Returns whether it was applied. Measurements:
+    ``benchmarks/RESULTS.md``.
     """
     import ctypes
     import platform
@@ -139,11 +138,10 @@ def map_batches(fn: Callable[[int], T], jobs: int, workers: int) -> list[T]:
     :func:`cpu_workers`; 1 runs them in the caller's thread, on its torch threads, and changes nothing).
 
     Several workers (opt-in, ``R2R_PARALLEL_BATCHES=1``) take a batch at a time, each with its share of the torch
-    threads (one each when there are as many workers as threads). Small decoder layers split poorly over
-    threads: a batch of SmolLM2-135M's attention, norms and activations is many short kernels, each paying
-    OpenMP's fork/join, so two batches side by side on one thread each get ~10-20% more done on two cores than
-    one batch at a time on both. Jobs are taken in order (submit the longest first). The model must route experts
-    by thread (:func:`r2r_core.lora_fold.routes_by_thread`).
+    threads (one each when there are as many workers as threads): a small decoder's layers are many short kernels,
+    each paying OpenMP's fork/join, so batches side by side on one thread each can get more done than one batch at
+    a time on all of them (measurements: ``benchmarks/RESULTS.md``). Jobs are taken in order (submit the longest
+    first). The model must route experts by thread (:func:`r2r_core.lora_fold.routes_by_thread`).
 
     ``torch.set_num_threads`` is process-wide: while the workers run, threads that start using torch get their
     share too, which is why this is opt-in; the caller's setting is put back before this returns.
