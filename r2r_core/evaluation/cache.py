@@ -20,6 +20,8 @@ from pathlib import Path
 
 from ..data import BeirDataset
 from ..fsutil import atomic_json
+from .runs import SystemRun, safe_name
+from .systems import BASE_EXPERT, FirstStageSystem, MiniLMSystem, RerankerSystem
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ def _files_of(source: str | None, under: str = "") -> dict[str, list[int]] | str
 def _reranker_files(system) -> dict | str | None:
     """The files a reranker system's scores depend on: none beyond the backbone for the base model, the
     expert's own folder for a fixed expert, the whole bundle (experts and router) otherwise."""
-    from .systems import BASE_EXPERT
-
     if system.policy == "fixed" and system.expert == BASE_EXPERT:
         return None
     if system.policy == "fixed" and system.source and (Path(system.source) / "experts" / system.expert).is_dir():
@@ -58,8 +58,6 @@ def _reranker_files(system) -> dict | str | None:
 
 def system_identity(system) -> dict | None:
     """What a system's scores depend on, or None when unknown (such a system is never cached)."""
-    from .systems import FirstStageSystem, MiniLMSystem, RerankerSystem
-
     if isinstance(system, FirstStageSystem):
         return {"kind": "first-stage"}
     if isinstance(system, MiniLMSystem):
@@ -83,7 +81,7 @@ def system_identity(system) -> dict | None:
 
 
 class RunCache:
-    """Read and write finished :class:`~r2r_core.evaluation.harness.SystemRun` objects under ``root``."""
+    """Read and write finished :class:`~r2r_core.evaluation.runs.SystemRun` objects under ``root``."""
 
     def __init__(self, root: str | Path, *, read: bool = True):
         self.root = Path(root)
@@ -105,14 +103,10 @@ class RunCache:
         }
 
     def _path(self, system_name: str, dataset: BeirDataset) -> Path:
-        from .harness import safe_name
-
         return self.root / f"{safe_name(dataset.name)}.{safe_name(dataset.split)}.{safe_name(system_name)}.json"
 
-    def load(self, system, dataset: BeirDataset, key: dict | None):
+    def load(self, system, dataset: BeirDataset, key: dict | None) -> SystemRun | None:
         """The stored run for ``key``, or None (missing, unreadable, or made with another key)."""
-        from .harness import SystemRun
-
         if key is None or not self.read:
             return None
         path = self._path(system.name, dataset)
@@ -128,21 +122,10 @@ class RunCache:
             return None
         run = stored["run"]
         logger.info("%s on %s: reusing the finished run in %s", system.name, dataset.name, path)
-        return SystemRun(
-            system=system.name,
-            dataset=dataset.name,
-            rankings={q: [(d, float(s)) for d, s in pairs] for q, pairs in run["rankings"].items()},
-            experts=dict(run["experts"]),
-            seconds={q: float(s) for q, s in run["seconds"].items()},
-            n_docs={q: int(n) for q, n in run["n_docs"].items()},
-        )
+        return SystemRun.from_json(system.name, dataset.name, run)
 
-    def save(self, run, dataset: BeirDataset, key: dict | None) -> Path | None:
+    def save(self, run: SystemRun, dataset: BeirDataset, key: dict | None) -> Path | None:
         """Write ``run`` atomically (temporary file, then rename); nothing is written without a key."""
         if key is None:
             return None
-        payload = {
-            "key": key,
-            "run": {"rankings": run.rankings, "experts": run.experts, "seconds": run.seconds, "n_docs": run.n_docs},
-        }
-        return atomic_json(payload, self._path(run.system, dataset))
+        return atomic_json({"key": key, "run": run.to_json()}, self._path(run.system, dataset))

@@ -9,17 +9,17 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..data import BeirDataset
 from .cache import RunCache
 from .fusion import FUSION_METHODS, fuse
 from .metrics import MEASURES, latency_stats, mean_metrics, ranking_metrics, routing_metrics
+from .runs import SystemRun, safe_name
 from .systems import FirstStageSystem, MiniLMSystem, RerankerSystem, RoutedSystem, System
 
 logger = logging.getLogger(__name__)
@@ -72,23 +72,6 @@ class EvalConfig:
             self.cache_dir = Path(self.cache_dir)
         if self.resume and self.cache_dir is None:
             raise ValueError("`resume` needs a `cache_dir` holding the finished runs")
-
-
-@dataclass
-class SystemRun:
-    """What one system produced on one dataset."""
-
-    system: str
-    dataset: str
-    rankings: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # qid -> best first
-    experts: dict[str, str] = field(default_factory=dict)  # qid -> expert used (routed systems)
-    seconds: dict[str, float] = field(default_factory=dict)  # qid -> wall time of the rerank call
-    n_docs: dict[str, int] = field(default_factory=dict)  # qid -> candidates scored
-
-
-def safe_name(name: str) -> str:
-    """A file-name-safe version of a system or dataset name."""
-    return re.sub(r"[^A-Za-z0-9._+=-]+", "_", name)
 
 
 def select_queries(dataset: BeirDataset, max_queries: int | None = None, seed: int = 0) -> list[str]:
