@@ -1,10 +1,12 @@
-"""The ``r2r`` command: ``r2r demo`` (rerank on the embedded default), ``r2r export``, ``r2r train``, ``r2r eval``."""
+"""The ``r2r`` command: ``r2r demo`` (rerank on the embedded default), ``r2r export``, ``r2r serve`` (a rerank
+server for Cohere and TEI clients), ``r2r train``, ``r2r eval``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 
@@ -54,6 +56,26 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from r2r_core import R2RReranker
+    from r2r_core.serve import run
+
+    api_key = args.api_key or os.environ.get("R2R_API_KEY") or None
+    if (args.max_body_bytes is not None and args.max_body_bytes < 1) or args.max_documents < 1:
+        raise SystemExit(f"r2r serve: --max-body-bytes and --max-documents must be >= 1, got "
+                         f"{args.max_body_bytes} and {args.max_documents}")  # before the model loads
+    logging.getLogger("r2r_core.serve").setLevel(logging.INFO)  # the one line per request
+    t0 = time.perf_counter()
+    engine = R2RReranker.from_pretrained(args.bundle, device=args.device, dtype=args.dtype,
+                                         batch_size=args.batch_size, max_length=args.max_length)
+    logging.getLogger("r2r_core.serve").info("loaded %r in %.1fs", engine, time.perf_counter() - t0)
+    limits = {"max_documents": args.max_documents}
+    if args.max_body_bytes is not None:
+        limits["max_body_bytes"] = args.max_body_bytes
+    run(engine, host=args.host, port=args.port, name=args.bundle, api_key=api_key, **limits)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r2r", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -71,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--adapter-dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="store the experts' weights in this dtype (default: as they are)")
     export.set_defaults(func=_export)
+    serve = sub.add_parser("serve", help="serve a bundle over HTTP: Cohere /v1|v2/rerank, TEI /rerank, /health, /info")
+    serve.add_argument("--bundle", default="default", help="bundle folder, model id, or 'default'")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' (default: $R2R_API_KEY; none: no auth)")
+    serve.add_argument("--max-body-bytes", type=int, default=None,
+                       help="largest request body accepted, larger ones get 413 (default: 2 MiB)")
+    serve.add_argument("--max-documents", type=int, default=1000, help="most documents per request (422 above)")
+    serve.add_argument("--device", default=None)
+    serve.add_argument("--dtype", default="auto")
+    serve.add_argument("--batch-size", type=int, default=16)
+    serve.add_argument("--max-length", type=int, default=512)
+    serve.set_defaults(func=_serve)
     for module in ("r2r_core.training.cli", "r2r_core.evaluation.cli"):
         try:
             mod = importlib.import_module(module)
