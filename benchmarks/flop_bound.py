@@ -108,7 +108,7 @@ def measure(rr: R2RReranker, rows: int, reps: int) -> dict:
 
     def engine():
         return prefix_cached_margins(model, [prefix], [expert], [(0, t) for t in tails],
-                                     rr.tokenizer.pad_token_id, rows, rr.yes_no)
+                                     rr.tokenizer.pad_token_id, rows)
 
     layer = _decoder_layers(model)[0]
     fns = {"r2r": engine}

@@ -45,9 +45,11 @@ __all__ = [
     "YesNoHead",
     "YesNoIds",
     "cache_kwargs",
+    "check_yes_no_head",
     "check_max_length",
     "encode_pair",
     "install_yes_no_head",
+    "margin_at",
     "prefix_cached_margins",
     "yes_no_margins",
 ]
@@ -321,12 +323,17 @@ def install_yes_no_head(model: torch.nn.Module, ids: YesNoIds) -> None:
     model.set_output_embeddings(YesNoHead(head.weight, ids.yes, ids.no, getattr(head, "bias", None)))
 
 
-def _margin_from_logits(logits: torch.Tensor, last: torch.Tensor, model, ids: YesNoIds | None) -> torch.Tensor:
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    picked = logits[rows, last]
-    if isinstance(model.get_output_embeddings(), YesNoHead):
-        return (picked[:, 0] - picked[:, 1]).float()
-    return (picked[:, ids.yes] - picked[:, ids.no]).float()
+def check_yes_no_head(model) -> None:
+    """A ValueError unless ``model`` scores with a :class:`YesNoHead` (:func:`install_yes_no_head`)."""
+    if not isinstance(model.get_output_embeddings(), YesNoHead):
+        raise ValueError(f"{type(model).__name__} has no YesNoHead: call install_yes_no_head(model, ids) first")
+
+
+def margin_at(logits: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``z_yes - z_no`` of a :class:`YesNoHead`'s logits ``[rows, length, 2]`` at position ``last[r]`` of row ``r``
+    (fp32)."""
+    picked = logits[torch.arange(logits.shape[0], device=logits.device), last]
+    return (picked[:, 0] - picked[:, 1]).float()
 
 
 def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,23 +356,19 @@ def _peft_kwargs(model, adapter_names: Sequence[str] | None) -> dict:
     return {"adapter_names": list(adapter_names)}
 
 
-def yes_no_margins(model, input_ids: Sequence[Sequence[int]], pad_token_id: int, yes_id: int | None = None,
-                   no_id: int | None = None, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
-    """``z_yes - z_no`` at the last real token of each prompt (plain path, one batch, differentiable).
-
-    ``yes_id``/``no_id`` are needed unless a :class:`YesNoHead` is installed. Right padding: a causal model's
-    real tokens never see the pads, so each row's logits equal those of the row alone.
+def yes_no_margins(model, input_ids: Sequence[Sequence[int]], pad_token_id: int,
+                   adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+    """``z_yes - z_no`` at the last real token of each prompt (plain path, one batch, differentiable), for a model
+    with a :class:`YesNoHead`. Right padding: a causal model's real tokens never see the pads, so each row's
+    logits equal those of the row alone.
     """
+    check_yes_no_head(model)
     if not input_ids:
         return torch.zeros(0)
     device = next(model.parameters()).device
     ids, mask = _right_pad(input_ids, pad_token_id, device)
-    last = mask.sum(dim=1) - 1
     out = model(input_ids=ids, attention_mask=mask, use_cache=False, **_peft_kwargs(model, adapter_names))
-    yn = None if yes_id is None else YesNoIds(yes_id, no_id)
-    if yn is None and not isinstance(model.get_output_embeddings(), YesNoHead):
-        raise ValueError("yes_id and no_id are required when no YesNoHead is installed")
-    return _margin_from_logits(out.logits, last, model, yn)
+    return margin_at(out.logits, mask.sum(dim=1) - 1)
 
 
 def _layer_kv(out) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -459,15 +462,17 @@ def _prefix_kv(caches, pidx: list[int], plens: list[int], device):
 
 @torch.inference_mode()
 def prefix_cached_margins(model, prefixes: Sequence[Sequence[int]], prefix_adapters: Sequence[str],
-                          rows: Sequence[tuple[int, Sequence[int]]], pad_token_id: int, batch_size: int,
-                          ids: YesNoIds | None = None) -> list[float]:
-    """Margins for ``rows`` = ``[(prefix_index, tail_ids), ...]``; each prefix is encoded once (with its adapter)
-    and its KV cache extended by the tails of its rows. Returns margins in the order of ``rows``.
+                          rows: Sequence[tuple[int, Sequence[int]]], pad_token_id: int, batch_size: int
+                          ) -> list[float]:
+    """Margins for ``rows`` = ``[(prefix_index, tail_ids), ...]`` from a model with a :class:`YesNoHead`; each
+    prefix is encoded once (with its adapter) and its KV cache extended by the tails of its rows. Returns margins
+    in the order of ``rows``.
 
     On a CPU with several threads, batches run side by side on worker threads (:func:`runtime.map_batches`)
     when the model routes its experts by thread; the margins do not depend on that."""
     from transformers import DynamicCache
 
+    check_yes_no_head(model)
     if not rows:
         return []
     device = next(model.parameters()).device
@@ -494,7 +499,7 @@ def prefix_cached_margins(model, prefixes: Sequence[Sequence[int]], prefix_adapt
             **cache_kwargs(model, DynamicCache(ddp_cache_data=kv, config=model.config)),
             use_cache=True,
         )
-        return _margin_from_logits(out.logits, tail_mask.sum(dim=1) - 1, model, ids).tolist()
+        return margin_at(out.logits, tail_mask.sum(dim=1) - 1).tolist()
 
     margins = [0.0] * len(rows)
     for chunk, values in zip(chunks, map_batches(score, len(chunks), workers)):

@@ -111,15 +111,16 @@ def test_grouped_attention_steps_aside_for_training_and_single_tokens(monkeypatc
 
 def test_loaded_backbones_use_it_and_score_as_sdpa(tiny_model_dir):
     from r2r_core.backbone import load_backbone
-    from r2r_core.scoring import yes_no_margins
+    from r2r_core.scoring import YesNoIds, install_yes_no_head, yes_no_margins
 
     backbone = load_backbone(str(tiny_model_dir), device="cpu", dtype="float32")
+    install_yes_no_head(backbone.model, YesNoIds(1, 2))
     assert backbone.model.config._attn_implementation == GROUPED_SDPA
     ids = [backbone.tokenizer.encode(t) for t in ["a contract clause", "metformin side effects and dosing"]]
     with torch.inference_mode():
-        got = yes_no_margins(backbone.model, ids, backbone.tokenizer.pad_token_id, 1, 2)
+        got = yes_no_margins(backbone.model, ids, backbone.tokenizer.pad_token_id)
         backbone.model.set_attn_implementation("sdpa")
-        want = yes_no_margins(backbone.model, ids, backbone.tokenizer.pad_token_id, 1, 2)
+        want = yes_no_margins(backbone.model, ids, backbone.tokenizer.pad_token_id)
     # grouped against per-head SDPA through two fp32 layers: other tiles, other sums, ~1e-4 absolute
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert use_grouped_attention(backbone.model)  # back on
@@ -139,13 +140,14 @@ def test_without_transformers_registry_api_the_model_stays_on_sdpa(tiny_model_di
 
     from r2r_core.attention import transformers_registry
     from r2r_core.backbone import load_backbone
-    from r2r_core.scoring import yes_no_margins
+    from r2r_core.scoring import YesNoIds, install_yes_no_head, yes_no_margins
 
     grouped = load_backbone(str(tiny_model_dir), device="cpu", dtype="float32")
+    install_yes_no_head(grouped.model, YesNoIds(1, 2))
     assert transformers_registry() is not None  # the installed transformers has it
     ids = [grouped.tokenizer.encode(t) for t in ["a contract clause", "metformin side effects and dosing"]]
     with torch.inference_mode():
-        want = yes_no_margins(grouped.model, ids, grouped.tokenizer.pad_token_id, 1, 2)
+        want = yes_no_margins(grouped.model, ids, grouped.tokenizer.pad_token_id)
     if missing == "register":  # the attention and mask registries' classmethod
         monkeypatch.delattr(transformers.utils.generic.GeneralInterface, "register")
     else:  # a module that cannot be imported (transformers' own models hold their references already)
@@ -155,10 +157,11 @@ def test_without_transformers_registry_api_the_model_stays_on_sdpa(tiny_model_di
         with caplog.at_level(logging.WARNING, logger="r2r_core.attention"):
             plain = load_backbone(str(tiny_model_dir), device="cpu", dtype="float32")
             assert not use_grouped_attention(plain.model)
+        install_yes_no_head(plain.model, YesNoIds(1, 2))
         assert plain.model.config._attn_implementation == "sdpa"
         assert len([r for r in caplog.records if r.name == "r2r_core.attention"]) == 1
         with torch.inference_mode():
-            got = yes_no_margins(plain.model, ids, plain.tokenizer.pad_token_id, 1, 2)
+            got = yes_no_margins(plain.model, ids, plain.tokenizer.pad_token_id)
         # per-head SDPA against grouped through two fp32 layers: other tiles, other sums, ~1e-4 absolute
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     finally:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r2r_core.scoring import BASE_ADAPTER, PromptEncoder, YesNoIds, encode_pair, yes_no_margins
+from r2r_core.scoring import (
+    BASE_ADAPTER,
+    PromptEncoder,
+    YesNoIds,
+    encode_pair,
+    install_yes_no_head,
+    yes_no_margins,
+)
 from r2r_core.templates import BUILTIN_TEMPLATES, PromptTemplate, get_template, template_from_chat
 
 
@@ -77,10 +84,12 @@ def test_margin_is_read_at_the_last_real_token_whatever_the_padding(tiny_model_d
     ids = YesNoIds.from_tokenizer(tokenizer, tpl)
     seqs = [encode_pair(tokenizer, tpl, "i", "q", d) for d in ["short", "a much longer document " * 20]]
     with torch.no_grad():
-        batched = yes_no_margins(model, seqs, tokenizer.pad_token_id, ids.yes, ids.no)
-        for seq, value in zip(seqs, batched):
-            logits = model(torch.tensor([seq])).logits[0, -1]
-            assert value.item() == pytest.approx((logits[ids.yes] - logits[ids.no]).item(), abs=1e-4)
+        alone = [model(torch.tensor([seq])).logits[0, -1] for seq in seqs]  # the full LM head, one row at a time
+        install_yes_no_head(model, ids)
+        batched = yes_no_margins(model, seqs, tokenizer.pad_token_id)
+    for logits, value in zip(alone, batched):
+        # fp32, a padded batch against one row: another GEMM shape, ~1e-5 on logits of ~10
+        assert value.item() == pytest.approx((logits[ids.yes] - logits[ids.no]).item(), abs=1e-4)
 
 
 def test_margins_are_differentiable_for_training(tiny_model_dir, tokenizer):
@@ -90,7 +99,8 @@ def test_margins_are_differentiable_for_training(tiny_model_dir, tokenizer):
     tpl = get_template("chatml")
     ids = YesNoIds.from_tokenizer(tokenizer, tpl)
     seqs = [encode_pair(tokenizer, tpl, "i", "q", d) for d in ["one", "two two"]]
-    margins = yes_no_margins(model, seqs, tokenizer.pad_token_id, ids.yes, ids.no)
+    install_yes_no_head(model, ids)
+    margins = yes_no_margins(model, seqs, tokenizer.pad_token_id)
     margins.sum().backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
 
@@ -175,3 +185,18 @@ def test_a_megabyte_query_reranks_in_bounded_time(tiny_reranker):
     t0 = time.perf_counter()
     results = tiny_reranker.rerank("what is the meaning of life? " * 35_000, ["42", "nobody knows"])
     assert len(results) == 2 and time.perf_counter() - t0 < 60
+
+
+def test_margins_need_the_yes_no_head(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from r2r_core.scoring import prefix_cached_margins
+    from r2r_core.training.group_forward import group_margins
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with pytest.raises(ValueError, match="install_yes_no_head"):
+        yes_no_margins(model, [[1, 2, 3]], 0)
+    with pytest.raises(ValueError, match="install_yes_no_head"):
+        prefix_cached_margins(model, [[1, 2]], [BASE_ADAPTER], [(0, [3, 4])], 0, 4)
+    with pytest.raises(ValueError, match="install_yes_no_head"):
+        group_margins(model, [1, 2], [[3, 4]], 0)

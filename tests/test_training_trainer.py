@@ -87,10 +87,10 @@ def _set_loss(backbone, template, adapter_dir, groups) -> float:
     """Mean InfoNCE over ``groups`` with the adapter (or the bare backbone when None), eval mode."""
     from peft import PeftModel
 
-    from r2r_core.scoring import PromptEncoder, YesNoIds, yes_no_margins
+    from r2r_core.scoring import PromptEncoder, YesNoIds, install_yes_no_head, yes_no_margins
 
     enc = PromptEncoder(backbone.tokenizer, template, 96)
-    ids = YesNoIds.from_tokenizer(backbone.tokenizer, template)
+    install_yes_no_head(backbone.model, YesNoIds.from_tokenizer(backbone.tokenizer, template))  # as training does
     model = backbone.model if adapter_dir is None else PeftModel.from_pretrained(backbone.model, adapter_dir)
     try:
         model.eval()
@@ -98,7 +98,7 @@ def _set_loss(backbone, template, adapter_dir, groups) -> float:
         with torch.inference_mode():
             for g in groups:
                 prefix, tails = enc.encode(template.default_instruction, g.query, list(g.docs))
-                m = yes_no_margins(model, [prefix + t for t in tails], backbone.tokenizer.pad_token_id, ids.yes, ids.no)
+                m = yes_no_margins(model, [prefix + t for t in tails], backbone.tokenizer.pad_token_id)
                 losses.append(group_infonce(m.view(1, -1)).item())
     finally:
         if adapter_dir is not None:
@@ -109,10 +109,10 @@ def _set_loss(backbone, template, adapter_dir, groups) -> float:
 def test_shared_prefix_forward_equals_the_plain_path(backbone, template):
     from peft import LoraConfig, get_peft_model
 
-    from r2r_core.scoring import PromptEncoder, YesNoIds, yes_no_margins
+    from r2r_core.scoring import PromptEncoder, YesNoIds, install_yes_no_head, yes_no_margins
     from r2r_core.training.group_forward import group_margins
 
-    ids = YesNoIds.from_tokenizer(backbone.tokenizer, template)
+    install_yes_no_head(backbone.model, YesNoIds.from_tokenizer(backbone.tokenizer, template))  # as training does
     prefix, tails = PromptEncoder(backbone.tokenizer, template, 128).encode(
         "judge", "what is asthma", ["asthma is an airway disease", "short", "a longer document " * 8])
     pad = backbone.tokenizer.pad_token_id
@@ -121,8 +121,8 @@ def test_shared_prefix_forward_equals_the_plain_path(backbone, template):
                                                       init_lora_weights=False))
     try:
         grads = []
-        for fn in (lambda: group_margins(model, prefix, tails, pad, ids.yes, ids.no),
-                   lambda: yes_no_margins(model, [prefix + t for t in tails], pad, ids.yes, ids.no)):
+        for fn in (lambda: group_margins(model, prefix, tails, pad),
+                   lambda: yes_no_margins(model, [prefix + t for t in tails], pad)):
             model.zero_grad()
             margins = fn()
             margins.sum().backward()

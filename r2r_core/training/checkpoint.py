@@ -83,7 +83,7 @@ def restore_rng(state: dict) -> None:
 
 
 def save_checkpoint(path: str | Path, *, trainable: dict[str, torch.Tensor], optimizer: dict, scheduler: dict,
-                    state: dict, config: dict, rng: dict | None = None) -> Path:
+                    state: dict, rng: dict | None = None) -> Path:
     """Write a checkpoint atomically: tensors in a flat dict, the rest as JSON (see the module docstring).
     ``optimizer`` and ``scheduler`` are ``state_dict()`` s; ``rng`` defaults to :func:`capture_rng`."""
     rng = capture_rng() if rng is None else rng
@@ -106,7 +106,6 @@ def save_checkpoint(path: str | Path, *, trainable: dict[str, torch.Tensor], opt
         "optimizer": {"state": opt_state, "param_groups": optimizer["param_groups"]},
         "scheduler": scheduler,
         "state": state,
-        "config": config,
         "rng": {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
                 "cuda": len(rng.get("cuda", []))},
     }
@@ -143,7 +142,6 @@ def _from_saved(saved: dict, path: Path) -> dict:
         "scheduler": meta["scheduler"],
         "rng": rng,
         "state": meta["state"],
-        "config": meta["config"],
     }
 
 
@@ -157,7 +155,8 @@ def _numpy_globals() -> list:
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` without unpickling anything but tensors and plain data
     (``torch.load(weights_only=True)``). Returns ``trainable``, ``optimizer``, ``scheduler`` (``state_dict()`` s),
-    ``rng`` (for :func:`restore_rng`), ``state`` and ``config``."""
+    ``rng`` (for :func:`restore_rng`) and ``state``. The settings a run was made with are checked on resume
+    from the run folder's ``run_settings.json`` (:func:`r2r_core.training.trainer.check_run_settings`)."""
     path = Path(path)
     try:
         with torch.serialization.safe_globals(_numpy_globals()):  # checkpoints of older versions only

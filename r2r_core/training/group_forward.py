@@ -16,23 +16,18 @@ import torch
 __all__ = ["group_margins"]
 
 
-def group_margins(model, prefix: Sequence[int], tails: Sequence[Sequence[int]], pad_token_id: int,
-                  yes_id: int | None = None, no_id: int | None = None) -> torch.Tensor:
-    """Differentiable ``z_yes - z_no`` for ``prefix + tail`` of every tail (one group), shape ``[n]``.
-
-    ``yes_id``/``no_id`` are needed unless a :class:`r2r_core.scoring.YesNoHead` is installed.
-    """
+def group_margins(model, prefix: Sequence[int], tails: Sequence[Sequence[int]], pad_token_id: int) -> torch.Tensor:
+    """Differentiable ``z_yes - z_no`` for ``prefix + tail`` of every tail (one group), shape ``[n]``, for a model
+    with a :class:`r2r_core.scoring.YesNoHead`."""
     from transformers import DynamicCache
 
-    from r2r_core.scoring import YesNoHead, _layer_kv, _right_pad, cache_kwargs
+    from r2r_core.scoring import _layer_kv, _right_pad, cache_kwargs, check_yes_no_head, margin_at
 
     if not prefix or not tails:
         raise ValueError(f"a group needs a non-empty prefix and >= 1 tail, got {len(prefix)} and {len(tails)}")
     device = next(model.parameters()).device
     n = len(tails)
-    head_only = isinstance(model.get_output_embeddings(), YesNoHead)
-    if not head_only and (yes_id is None or no_id is None):
-        raise ValueError("yes_id and no_id are required when no YesNoHead is installed")
+    check_yes_no_head(model)
     pre = torch.as_tensor([list(prefix)], dtype=torch.long, device=device)
     out = model(input_ids=pre, use_cache=True, logits_to_keep=1)
     kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in _layer_kv(out)]
@@ -43,8 +38,4 @@ def group_margins(model, prefix: Sequence[int], tails: Sequence[Sequence[int]], 
     full_mask = torch.cat([torch.ones((n, plen), dtype=mask.dtype, device=device), mask], dim=1)
     logits = model(input_ids=ids, attention_mask=full_mask, position_ids=position_ids, use_cache=True,
                    **cache_kwargs(model, cache)).logits
-    last = mask.sum(dim=1) - 1
-    picked = logits[torch.arange(n, device=device), last]
-    if head_only:
-        return (picked[:, 0] - picked[:, 1]).float()
-    return (picked[:, yes_id] - picked[:, no_id]).float()
+    return margin_at(logits, mask.sum(dim=1) - 1)

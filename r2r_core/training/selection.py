@@ -127,7 +127,6 @@ def evaluate_dev(
     dev: Sequence[DevQuery],
     *,
     pad_token_id: int,
-    yes_no,
     batch_size: int = 16,
     adapter_name: str | None = None,
     autocast_dtype: torch.dtype | None = None,
@@ -156,7 +155,7 @@ def evaluate_dev(
                     prefixes.append(prefix)
                     rows.extend((qi, t) for t in tails)
                 margins = prefix_cached_margins(
-                    model, prefixes, [name] * len(prefixes), rows, pad_token_id, batch_size, yes_no
+                    model, prefixes, [name] * len(prefixes), rows, pad_token_id, batch_size
                 )
                 pos = 0
                 for q in chunk:

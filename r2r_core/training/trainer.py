@@ -289,6 +289,228 @@ def check_run_settings(run_dir: Path, settings: dict) -> None:
             "Use another output folder, or start fresh (resume=False / drop --resume)")
 
 
+@dataclass
+class _RunFiles:
+    """The files of one run folder (see the module docstring)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.done, self.checkpoint = self.root / "done.json", self.root / "checkpoint.pt"
+        self.best, self.log = self.root / "best.safetensors", self.root / "metrics.jsonl"
+        self.adapter, self.settings = self.root / "adapter", self.root / "run_settings.json"
+
+    def append_log(self, record: dict) -> None:
+        with open(self.log, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _group_size(groups: Sequence[TrainGroup], name: str) -> int:
+    if not groups:
+        raise ValueError(f"run {name!r}: no training groups")
+    sizes = {g.size for g in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"run {name!r}: every group must have the same size, got sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _prepare_run_dir(files: _RunFiles, settings: dict, resume: bool, name: str) -> TrainResult | None:
+    """Make the run folder ready: the finished result when ``resume`` finds one made with these settings (a
+    :class:`RunMismatchError` when they differ), else None, with a fresh run's old files removed."""
+    files.root.mkdir(parents=True, exist_ok=True)
+    if resume:
+        check_run_settings(files.root, settings)
+        if files.done.is_file() and (files.adapter / "adapter_model.safetensors").is_file():
+            logger.info("run %s already finished; reusing %s", name, files.adapter)
+            return TrainResult(**json.loads(files.done.read_text(encoding="utf-8")))
+    else:
+        for p in (files.done, files.checkpoint, files.best, files.log):
+            p.unlink(missing_ok=True)
+    atomic_json(settings, files.settings)
+    return None
+
+
+class _TrainingRun:
+    """One run's model, optimizer and progress, in named steps: :meth:`resume`, :meth:`step`, :meth:`evaluate`,
+    :meth:`checkpoint` and :meth:`save`. ``peft_model`` carries the run's LoRA adapter (``ADAPTER_NAME``)."""
+
+    def __init__(self, peft_model, tokenizer, template, instruction: str, groups: Sequence[TrainGroup],
+                 config: TrainConfig, files: _RunFiles, name: str, dev: Sequence[DevQuery] | None,
+                 init_adapter: str | Path | None):
+        from r2r_core.scoring import PromptEncoder
+
+        self.model, self.groups, self.config, self.files, self.name, self.dev = (
+            peft_model, groups, config, files, name, dev)
+        self.instruction = instruction
+        self.group_size = _group_size(groups, name)
+        self.device = next(peft_model.parameters()).device
+        self.autocast_dtype = resolve_precision(config.precision, self.device)
+        self.encoder = PromptEncoder(tokenizer, template, config.max_length)
+        self.pad_id = tokenizer.pad_token_id
+        if init_adapter is not None:
+            self._load_init_adapter(Path(init_adapter))
+        self.params = [p for p in peft_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
+        self.state = {"step": 0, "best_metric": None, "best_step": None, "start_metric": None, "best_eval": None,
+                      "train_s": 0.0, "pairs": 0}
+        self.per_step = config.groups_per_batch * config.grad_accum
+        self._batches = _Batches(len(groups), config.seed)
+        self._tokens: dict[int, tuple[list[int], list[list[int]]]] = {}
+
+    def _load_init_adapter(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: the initial adapter (init_adapter) has no weights file")
+        result = set_peft_model_state_dict(self.model, load_file(str(weights)), adapter_name=ADAPTER_NAME)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{weights}: unexpected keys {result.unexpected_keys[:3]}")
+
+    # ---------------------------------------------------------------------------------------------- resume
+    def resume(self) -> None:
+        """Continue from ``checkpoint.pt`` if there is one: weights, optimizer, scheduler, RNG states and progress;
+        the metrics log is cut back to the checkpoint's step."""
+        path = self.files.checkpoint
+        if not path.is_file():
+            return
+        ckpt = load_checkpoint(path)
+        _load_trainable(self.model, ckpt["trainable"], str(path))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        restore_rng(ckpt["rng"])
+        self.state.update(ckpt["state"])
+        _truncate_log(self.files.log, self.state["step"])
+        logger.info("run %s: resumed at step %d from %s", self.name, self.state["step"], path)
+
+    # ---------------------------------------------------------------------------------------------- step
+    def _group_tokens(self, i: int) -> tuple[list[int], list[list[int]]]:
+        if i not in self._tokens:
+            g = self.groups[i]
+            self._tokens[i] = self.encoder.encode(self.instruction, g.query, list(g.docs))
+        return self._tokens[i]
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _micro_batch_loss(self, idx: list[int]) -> float:
+        """Forward and backward of one micro-batch of groups; returns its share of the step's loss."""
+        from r2r_core.scoring import yes_no_margins
+        from r2r_core.training.group_forward import group_margins
+
+        config, total = self.config, 0.0
+        if config.shared_prefix:  # one forward per group, the prefix run once (same loss, fewer tokens)
+            for i in idx:
+                prefix, tails = self._group_tokens(i)
+                with self._autocast():
+                    margins = group_margins(self.model, prefix, tails, self.pad_id)
+                loss = group_loss(margins.view(1, self.group_size), tau=config.tau,
+                                  bce_weight=config.bce_weight) / (config.grad_accum * len(idx))
+                loss.backward()
+                total += loss.item()
+            return total
+        seqs = [prefix + t for prefix, tails in map(self._group_tokens, idx) for t in tails]
+        with self._autocast():
+            margins = yes_no_margins(self.model, seqs, self.pad_id)
+        loss = group_loss(margins.view(len(idx), self.group_size), tau=config.tau,
+                          bce_weight=config.bce_weight) / config.grad_accum
+        loss.backward()
+        return loss.item()
+
+    def step(self) -> float:
+        """One optimizer step over the next ``groups_per_batch * grad_accum`` groups of the data order; logs it
+        and returns its loss."""
+        config = self.config
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        cursor = self.state["step"] * self.per_step
+        total = 0.0
+        for micro in range(config.grad_accum):
+            total += self._micro_batch_loss(
+                self._batches.take(cursor + micro * config.groups_per_batch, config.groups_per_batch))
+        grad_norm = None
+        if config.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state["step"] += 1
+        dt = time.perf_counter() - t0
+        self.state["train_s"] += dt
+        self.state["pairs"] += self.per_step * self.group_size
+        self.pairs_per_s = self.per_step * self.group_size / dt
+        self.files.append_log({"step": self.state["step"], "loss": round(total, 5),
+                               "lr": self.scheduler.get_last_lr()[0],
+                               "grad_norm": None if grad_norm is None else round(grad_norm, 4),
+                               "pairs_per_s": round(self.pairs_per_s, 3)})
+        return total
+
+    # ---------------------------------------------------------------------------------------------- evaluate
+    def evaluate(self, step: int) -> None:
+        """Score the dev queries (nothing without them); keep the adapter in ``best.safetensors`` if it improved."""
+        if not self.dev:
+            return
+        config, state = self.config, self.state
+        t0 = time.perf_counter()
+        res = evaluate_dev(self.model, self.encoder, self.instruction, self.dev, pad_token_id=self.pad_id,
+                           batch_size=config.eval_batch_size, adapter_name=ADAPTER_NAME,
+                           autocast_dtype=self.autocast_dtype)
+        value = metric_value(res, config.metric)
+        if step == 0:
+            state["start_metric"] = value
+        improved = state["best_metric"] is None or value > state["best_metric"]
+        if improved:
+            state.update(best_metric=value, best_step=step, best_eval=res)
+            atomic_save_tensors(_trainable_state(self.model), self.files.best)
+        self.files.append_log({"step": step, "event": "eval", config.metric: value, "best": state["best_metric"],
+                               "improved": improved, "eval_s": round(time.perf_counter() - t0, 2), **{
+                                   f"dev_{k}": v for k, v in res["macro"].items()}})
+        logger.info("run %s step %d: dev %s = %.4f (best %.4f at step %s)", self.name, step, config.metric,
+                    value, state["best_metric"], state["best_step"])
+
+    # ---------------------------------------------------------------------------------------------- save
+    def checkpoint(self) -> None:
+        save_checkpoint(self.files.checkpoint, trainable=_trainable_state(self.model),
+                        optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                        state=dict(self.state))
+
+    def save(self, final_loss: float | None, stopped: str | None) -> TrainResult:
+        """Write the best adapter (the last one without dev data) as ``adapter/`` and the result as ``done.json``."""
+        import shutil
+
+        from safetensors.torch import load_file
+
+        self.model.eval()
+        if self.dev and self.files.best.is_file():
+            _load_trainable(self.model, load_file(str(self.files.best)), str(self.files.best))
+        tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=self.files.root))
+        self.model.save_pretrained(str(tmp / "a"), selected_adapters=[ADAPTER_NAME])
+        saved = tmp / "a"
+        nested = saved / ADAPTER_NAME  # peft nests non-default adapter names; ours is "default"
+        replace_dir(nested if nested.is_dir() else saved, self.files.adapter)
+        shutil.rmtree(tmp, ignore_errors=True)
+        state = self.state
+        result = TrainResult(
+            name=self.name, adapter_dir=str(self.files.adapter), steps_done=state["step"], completed=True,
+            best_step=state["best_step"], best_metric=state["best_metric"], start_metric=state["start_metric"],
+            final_loss=final_loss, pairs_per_s=(state["pairs"] / state["train_s"]) if state["train_s"] else None,
+            train_s=round(state["train_s"], 2), stopped=stopped, best_eval=state["best_eval"],
+        )
+        atomic_json(asdict(result), self.files.done)
+        return result
+
+
+def _progress_bar(config: TrainConfig, name: str, initial: int, progress: bool):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=initial, desc=name, unit="step", dynamic_ncols=True)
+
+
 def train_adapter(
     model,
     tokenizer,
@@ -312,168 +534,48 @@ def train_adapter(
     Stage 2 starts from Stage 1). ``stop_after`` stops after that many steps as if the process were killed
     there (for tests of resuming); the result then has ``completed=False``.
     """
-    from peft import get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import get_peft_model
 
-    from r2r_core.scoring import PromptEncoder, YesNoIds, install_yes_no_head, yes_no_margins
-    from r2r_core.training.group_forward import group_margins
+    from r2r_core.scoring import YesNoIds, install_yes_no_head
 
-    run_dir = Path(run_dir)
-    name = name or run_dir.name
-    if not groups:
-        raise ValueError(f"run {name!r}: no training groups")
-    sizes = {g.size for g in groups}
-    if len(sizes) != 1:
-        raise ValueError(f"run {name!r}: every group must have the same size, got sizes {sorted(sizes)}")
-    group_size = sizes.pop()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    done_path, ckpt_path, best_path = run_dir / "done.json", run_dir / "checkpoint.pt", run_dir / "best.safetensors"
-    log_path = run_dir / "metrics.jsonl"
-    settings = _run_settings(config, groups, init_adapter)
-    if resume:
-        check_run_settings(run_dir, settings)
-    if resume and done_path.is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file():
-        logger.info("run %s already finished; reusing %s", name, run_dir / "adapter")
-        return TrainResult(**json.loads(done_path.read_text(encoding="utf-8")))
-    if not resume:
-        for p in (done_path, ckpt_path, best_path, log_path):
-            p.unlink(missing_ok=True)
-    atomic_json(settings, run_dir / "run_settings.json")
-
-    device = next(model.parameters()).device
-    autocast_dtype = resolve_precision(config.precision, device)
-    yes_no = YesNoIds.from_tokenizer(tokenizer, template)
-    install_yes_no_head(model, yes_no)  # only the two answer rows of the LM head are computed
-    encoder = PromptEncoder(tokenizer, template, config.max_length)
-    pad_id = tokenizer.pad_token_id
-
+    files = _RunFiles(Path(run_dir))
+    name = name or files.root.name
+    _group_size(groups, name)
+    finished = _prepare_run_dir(files, _run_settings(config, groups, init_adapter), resume, name)
+    if finished is not None:
+        return finished
+    install_yes_no_head(model, YesNoIds.from_tokenizer(tokenizer, template))  # only the two answer rows
     _seed_all(config.seed)
     num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     peft_model = get_peft_model(model, config.lora.to_peft(num_layers), adapter_name=ADAPTER_NAME)
     try:
-        if init_adapter is not None:
-            weights = Path(init_adapter) / "adapter_model.safetensors"
-            if not weights.is_file():
-                raise FileNotFoundError(f"{weights}: the initial adapter (init_adapter) has no weights file")
-            result = set_peft_model_state_dict(peft_model, load_file(str(weights)), adapter_name=ADAPTER_NAME)
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"{weights}: unexpected keys {result.unexpected_keys[:3]}")
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
-        state = {"step": 0, "best_metric": None, "best_step": None, "start_metric": None, "best_eval": None,
-                 "train_s": 0.0, "pairs": 0}
-        if resume and ckpt_path.is_file():
-            ckpt = load_checkpoint(ckpt_path)
-            _load_trainable(peft_model, ckpt["trainable"], str(ckpt_path))
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            restore_rng(ckpt["rng"])
-            state.update(ckpt["state"])
-            _truncate_log(log_path, state["step"])
-            logger.info("run %s: resumed at step %d from %s", name, state["step"], ckpt_path)
-
-        def log(record: dict) -> None:
-            with open(log_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-        def evaluate(step: int) -> None:
-            if not dev:
-                return
-            t0 = time.perf_counter()
-            res = evaluate_dev(peft_model, encoder, instruction, dev, pad_token_id=pad_id, yes_no=yes_no,
-                               batch_size=config.eval_batch_size, adapter_name=ADAPTER_NAME,
-                               autocast_dtype=autocast_dtype)
-            value = metric_value(res, config.metric)
-            if step == 0:
-                state["start_metric"] = value
-            improved = state["best_metric"] is None or value > state["best_metric"]
-            if improved:
-                state.update(best_metric=value, best_step=step, best_eval=res)
-                atomic_save_tensors(_trainable_state(peft_model), best_path)
-            log({"step": step, "event": "eval", config.metric: value, "best": state["best_metric"],
-                 "improved": improved, "eval_s": round(time.perf_counter() - t0, 2), **{
-                     f"dev_{k}": v for k, v in res["macro"].items()}})
-            logger.info("run %s step %d: dev %s = %.4f (best %.4f at step %s)", name, step, config.metric,
-                        value, state["best_metric"], state["best_step"])
-
-        def checkpoint() -> None:
-            save_checkpoint(ckpt_path, trainable=_trainable_state(peft_model), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), state=dict(state),
-                            config=json.loads(json.dumps(asdict(config))))
-
+        run = _TrainingRun(peft_model, tokenizer, template, instruction, groups, config, files, name, dev,
+                           init_adapter)
+        if resume:
+            run.resume()
+        state = run.state
         if state["step"] == 0 and config.eval_at_start and dev:
-            evaluate(0)
-            checkpoint()
-
-        batches = _Batches(len(groups), config.seed)
-        token_cache: dict[int, tuple[list[int], list[list[int]]]] = {}
-
-        def tokens(i: int) -> tuple[list[int], list[list[int]]]:
-            if i not in token_cache:
-                g = groups[i]
-                token_cache[i] = encoder.encode(instruction, g.query, list(g.docs))
-            return token_cache[i]
-
-        ctx = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
-        per_step = config.groups_per_batch * config.grad_accum
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=config.steps, initial=state["step"], desc=name, unit="step", dynamic_ncols=True)
+            run.evaluate(0)
+            run.checkpoint()
+        bar = _progress_bar(config, name, state["step"], progress)
         peft_model.train()
         started = time.perf_counter()
         loss_ema = None
         stopped = None
         while state["step"] < config.steps:
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            cursor = state["step"] * per_step
-            total = 0.0
-            for micro in range(config.grad_accum):
-                idx = batches.take(cursor + micro * config.groups_per_batch, config.groups_per_batch)
-                if config.shared_prefix:  # one forward per group, the prefix run once (same loss, fewer tokens)
-                    for i in idx:
-                        prefix, tails = tokens(i)
-                        with ctx():
-                            margins = group_margins(peft_model, prefix, tails, pad_id)
-                        loss = group_loss(margins.view(1, group_size), tau=config.tau,
-                                          bce_weight=config.bce_weight) / (config.grad_accum * len(idx))
-                        loss.backward()
-                        total += loss.item()
-                else:
-                    seqs = [prefix + t for prefix, tails in map(tokens, idx) for t in tails]
-                    with ctx():
-                        margins = yes_no_margins(peft_model, seqs, pad_id)
-                    loss = group_loss(margins.view(len(idx), group_size), tau=config.tau,
-                                      bce_weight=config.bce_weight) / config.grad_accum
-                    loss.backward()
-                    total += loss.item()
-            grad_norm = None
-            if config.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            state["step"] += 1
-            dt = time.perf_counter() - t0
-            state["train_s"] += dt
-            state["pairs"] += per_step * group_size
-            loss_ema = total if loss_ema is None else 0.9 * loss_ema + 0.1 * total
-            pps = per_step * group_size / dt
+            total = run.step()
             step = state["step"]
-            log({"step": step, "loss": round(total, 5), "lr": scheduler.get_last_lr()[0],
-                 "grad_norm": None if grad_norm is None else round(grad_norm, 4), "pairs_per_s": round(pps, 3)})
+            loss_ema = total if loss_ema is None else 0.9 * loss_ema + 0.1 * total
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_ema:.3f}", pairs_s=f"{pps:.2f}")
+                bar.set_postfix(loss=f"{loss_ema:.3f}", pairs_s=f"{run.pairs_per_s:.2f}")
                 bar.update(1)
             out_of_time = config.max_time_s is not None and time.perf_counter() - started > config.max_time_s
             if out_of_time and step < config.steps:
                 stopped = "time"
             if step % config.eval_every == 0 or step == config.steps or stopped:
-                evaluate(step)
+                run.evaluate(step)
             if step % config.save_every == 0 or step % config.eval_every == 0 or step == config.steps or stopped:
-                checkpoint()
+                run.checkpoint()
             if stopped:
                 logger.warning("run %s: wall-clock budget of %.0fs reached at step %d of %d", name,
                                config.max_time_s, step, config.steps)
@@ -485,25 +587,7 @@ def train_adapter(
                                    state["start_metric"], total, None, state["train_s"])
         if bar is not None:
             bar.close()
-        peft_model.eval()
-        if dev and best_path.is_file():
-            _load_trainable(peft_model, load_file(str(best_path)), str(best_path))
-        tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=run_dir))
-        peft_model.save_pretrained(str(tmp / "a"), selected_adapters=[ADAPTER_NAME])
-        saved = tmp / "a"
-        nested = saved / ADAPTER_NAME  # peft nests non-default adapter names; ours is "default"
-        replace_dir(nested if nested.is_dir() else saved, run_dir / "adapter")
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        result = TrainResult(
-            name=name, adapter_dir=str(run_dir / "adapter"), steps_done=state["step"], completed=True,
-            best_step=state["best_step"], best_metric=state["best_metric"], start_metric=state["start_metric"],
-            final_loss=loss_ema, pairs_per_s=(state["pairs"] / state["train_s"]) if state["train_s"] else None,
-            train_s=round(state["train_s"], 2), stopped=stopped, best_eval=state["best_eval"],
-        )
-        atomic_json(asdict(result), done_path)
-        return result
+        return run.save(loss_ema, stopped)
     finally:
         peft_model.unload()  # removes the LoRA layers: ``model`` is the plain backbone again
         model.eval()
