@@ -20,8 +20,9 @@ from pathlib import Path
 
 from ..data import BeirDataset
 from ..fsutil import atomic_json
+from ..lora_fold import BASE_ADAPTER
 from .runs import SystemRun, safe_name
-from .systems import BASE_EXPERT, FirstStageSystem, MiniLMSystem, RerankerSystem
+from .systems import FirstStageSystem, MiniLMSystem, RerankerSystem
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _files_of(source: str | None, under: str = "") -> dict[str, list[int]] | str
 def _reranker_files(system) -> dict | str | None:
     """The files a reranker system's scores depend on: none beyond the backbone for the base model, the
     expert's own folder for a fixed expert, the whole bundle (experts and router) otherwise."""
-    if system.policy == "fixed" and system.expert == BASE_EXPERT:
+    if system.policy == "fixed" and system.expert == BASE_ADAPTER:
         return None
     if system.policy == "fixed" and system.source and (Path(system.source) / "experts" / system.expert).is_dir():
         return _files_of(system.source, f"experts/{system.expert}")

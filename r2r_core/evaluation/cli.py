@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from ..data import BeirDataset, DataFormatError, available_splits, find_datasets, load_beir
+from ..lora_fold import BASE_ADAPTER
 from .fusion import FUSION_METHODS
 from .harness import EvalConfig, evaluate
 from .systems import MAIN_SYSTEMS, FirstStageSystem, MiniLMSystem, RerankerSystem
@@ -168,7 +169,7 @@ def build_systems(names: list[str], forgetting: bool, args) -> tuple[list, list[
             if source is None:
                 skipped[name] = "needs --bundle or --base-model"
                 continue
-            systems.append(RerankerSystem(name, _load_reranker(cache, source, args), "fixed", "__base__", source))
+            systems.append(RerankerSystem(name, _load_reranker(cache, source, args), "fixed", BASE_ADAPTER, source))
         elif name == "single-lora":
             if not args.single_lora_bundle:
                 skipped[name] = "no --single-lora-bundle given"

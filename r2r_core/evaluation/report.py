@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..lora_fold import BASE_ADAPTER
 from .metrics import MEASURES
 
 __all__ = ["check_claims", "format_report", "markdown_table"]
@@ -228,7 +229,7 @@ def format_report(results: dict, *, title: str = "r2r eval results") -> str:
         if "base" in systems:
             rows.append(
                 [
-                    "__base__ (no adapter)",
+                    f"{BASE_ADAPTER} (no adapter)",
                     *[systems["base"]["datasets"].get(n, {}).get("metrics", {}).get(metric) for n in fnames],
                 ]
             )

@@ -18,11 +18,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from ..data import BeirDataset, Doc, Query
+from ..lora_fold import BASE_ADAPTER
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BASE_EXPERT",
     "MAIN_SYSTEMS",
     "FirstStageSystem",
     "MiniLMSystem",
@@ -32,7 +32,6 @@ __all__ = [
     "minilm_model_path",
 ]
 
-BASE_EXPERT = "__base__"
 # The comparison of the paper's Tables 1 and 2, in report order.
 MAIN_SYSTEMS = ("first-stage", "minilm", "base", "single-lora", "direct-ft", "r2r-oracle", "r2r")
 
@@ -189,7 +188,7 @@ class RerankerSystem:
             raise ValueError(f"`expert` is required for policy 'fixed' and only then, got {expert!r}")
         if policy == "router" and getattr(reranker, "router", None) is None:
             raise ValueError(f"{name}: the reranker{_at(source)} has no router; use the oracle policy")
-        available = set(reranker.experts) | {BASE_EXPERT}
+        available = set(reranker.experts) | {BASE_ADAPTER}
         if expert is not None and expert not in available:
             raise KeyError(
                 f"{name}: expert {expert!r} is not in the reranker{_at(source)}; available: {sorted(available)}"
