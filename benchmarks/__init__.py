@@ -1,5 +1,6 @@
-"""Measurement helpers shared by the benchmarks: RSS sampling, timing, the machine's matmul peak, a FLOP model
-of a Llama-style decoder and a rank correlation. Run the benchmarks as scripts, e.g. ``python benchmarks/speed.py``."""
+"""Measurement helpers shared by the benchmarks: RSS sampling, timing (one call, interleaved rounds, calls in a
+given order, paired differences), the machine's matmul peak, a FLOP model of a Llama-style decoder and a rank
+correlation. Run the benchmarks as scripts, e.g. ``python benchmarks/speed.py``."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import gc
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
-__all__ = ["FlopModel", "PeakRss", "matmul_peak", "one_thread", "peak_shapes", "rss_mb", "spearman", "timed"]
+__all__ = ["FlopModel", "PeakRss", "interleaved_times", "matmul_peak", "one_thread", "paired_difference",
+           "peak_shapes", "rss_mb", "spearman", "timed", "timed_calls"]
+
+T = TypeVar("T")
 
 
 def rss_mb() -> float:
@@ -63,11 +68,56 @@ class PeakRss:
         self.peak = max(self.peak, rss_mb())
 
 
-def timed(fn) -> tuple[float, object]:
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
+    """Wall seconds of ``fn()`` (garbage collected first, outside the timing) and its result."""
     gc.collect()
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
+
+
+def interleaved_times(fns: dict[str, Callable[[], T]], reps: int, warm_up: bool = True,
+                      log: Callable[[str, int, float], None] | None = None
+                      ) -> tuple[dict[str, list[float]], dict[str, T]]:
+    """Seconds of each callable over ``reps`` rounds that run every callable once, in order (after one warm-up
+    round unless ``warm_up=False``), so that drift in the machine's load affects all of them alike; and each
+    callable's last result. ``log(name, rep, seconds)`` is called after every run."""
+    if warm_up:
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    results: dict[str, T] = {}
+    for rep in range(reps):
+        for name, fn in fns.items():
+            t, results[name] = timed(fn)
+            times[name].append(t)
+            if log is not None:
+                log(name, rep, t)
+    return times, results
+
+
+def timed_calls(fn: Callable[[T], object], args: Sequence[T], warm_up: Sequence[T] = ()
+                ) -> tuple[list[float], list[float]]:
+    """Wall and calling-thread CPU seconds of ``fn(a)`` for each ``a`` of ``args``, in order (after ``fn(a)`` for
+    each ``a`` of ``warm_up``). Thread CPU time leaves out the time the core was taken away from the thread."""
+    for a in warm_up:
+        fn(a)
+    wall, cpu = [], []
+    for a in args:
+        w0, c0 = time.perf_counter(), time.thread_time()
+        fn(a)
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return wall, cpu
+
+
+def paired_difference(times: Sequence[float]) -> tuple[float, float]:
+    """For times taken in pairs (measured, control, measured, control, ...), the median over pairs of measured
+    minus control and the standard error of that median (robust, from the MAD). The first pair is left out (it
+    follows no control). Paired, so drift in machine load cancels."""
+    diffs = [a - b for a, b in zip(times[2::2], times[3::2])]
+    med = statistics.median(diffs)
+    return med, 1.4826 * 1.2533 * statistics.median(abs(d - med) for d in diffs) / len(diffs) ** 0.5
 
 
 @contextmanager

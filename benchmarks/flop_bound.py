@@ -33,7 +33,6 @@ import json
 import logging
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,28 +41,14 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks import FlopModel, matmul_peak, peak_shapes  # noqa: E402
-from benchmarks.speed import DOC_TOKENS, QUERY, equal_docs, word_pool  # noqa: E402
+from benchmarks import FlopModel, interleaved_times, matmul_peak, peak_shapes  # noqa: E402
+from benchmarks.speed_workloads import DOC_TOKENS, QUERY, equal_docs, word_pool  # noqa: E402
 from r2r_core import R2RReranker  # noqa: E402
 from r2r_core.attention import grouped_sdpa_attention, grouped_sdpa_mask  # noqa: E402
 from r2r_core.router import _decoder_layers  # noqa: E402
 from r2r_core.scoring import prefix_cached_margins  # noqa: E402
 
 logger = logging.getLogger("flop_bound")
-
-
-def interleaved_medians(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds of each callable over ``reps`` rounds that run every callable once (after one warm-up
-    round), so that the VM's drift from minute to minute affects all of them alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def layer_weights(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -116,7 +101,7 @@ def measure(rr: R2RReranker, rows: int, reps: int) -> dict:
                           ("prefix", layer_kernels(layer, cfg, 1, plen, 0))):
         fns.update({f"{part} {name}": fn for name, fn in kernels.items()})
     with torch.inference_mode():
-        med = interleaved_medians(fns, reps)
+        med = {name: statistics.median(t) for name, t in interleaved_times(fns, reps)[0].items()}
     n_layers = cfg.num_hidden_layers
     linear_s = n_layers * sum(t for name, t in med.items() if " linear " in name)
     attention_s = n_layers * sum(t for name, t in med.items() if name.endswith(" attention"))
