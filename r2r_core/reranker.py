@@ -274,7 +274,7 @@ class R2RReranker:
         with self._lock, torch.inference_mode():
             if self.use_prefix_cache:
                 flat = prefix_cached_margins(self.model, prefixes, experts, rows, self.tokenizer.pad_token_id,
-                                             self.batch_size, self.yes_no)
+                                             self.batch_size)
             else:
                 flat = self._plain_margins(prefixes, experts, rows)
         out, start = [], 0

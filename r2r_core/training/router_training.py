@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from r2r_core.data import BeirDataset
+from r2r_core.lora_fold import BASE_ADAPTER
 from r2r_core.router import LatentRouter
 from r2r_core.training.curation import allocate, query_domain
 
@@ -214,7 +215,7 @@ def train_router(
             choice = {"threshold": value, "rule": config.threshold_rule,
                       "description": f"threshold {value} set by the recipe ({config.threshold_rule})"}
         report["threshold"] = choice
-        routed = [p if t >= choice["threshold"] else "__base__" for p, t in zip(pred, top.tolist())]
+        routed = [p if t >= choice["threshold"] else BASE_ADAPTER for p, t in zip(pred, top.tolist())]
         report["dev_accuracy_with_fallback"] = sum(r == t for r, t in zip(routed, truth)) / len(truth)
     else:
         value = config.threshold if config.threshold_rule == "fixed" else 0.0
