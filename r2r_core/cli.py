@@ -61,15 +61,16 @@ def _serve(args: argparse.Namespace) -> int:
     from r2r_core.serve import run
 
     api_key = args.api_key or os.environ.get("R2R_API_KEY") or None
-    if (args.max_body_bytes is not None and args.max_body_bytes < 1) or args.max_documents < 1:
-        raise SystemExit(f"r2r serve: --max-body-bytes and --max-documents must be >= 1, got "
-                         f"{args.max_body_bytes} and {args.max_documents}")  # before the model loads
+    if (args.max_body_bytes is not None and args.max_body_bytes < 1) or min(args.max_documents,
+                                                                           args.max_batch_queries) < 1:
+        raise SystemExit(f"r2r serve: --max-body-bytes, --max-documents and --max-batch-queries must be >= 1, got "
+                         f"{args.max_body_bytes}, {args.max_documents}, {args.max_batch_queries}")  # before loading
     logging.getLogger("r2r_core.serve").setLevel(logging.INFO)  # the one line per request
     t0 = time.perf_counter()
     engine = R2RReranker.from_pretrained(args.bundle, device=args.device, dtype=args.dtype,
                                          batch_size=args.batch_size, max_length=args.max_length)
     logging.getLogger("r2r_core.serve").info("loaded %r in %.1fs", engine, time.perf_counter() - t0)
-    limits = {"max_documents": args.max_documents}
+    limits = {"max_documents": args.max_documents, "max_batch_queries": args.max_batch_queries}
     if args.max_body_bytes is not None:
         limits["max_body_bytes"] = args.max_body_bytes
     run(engine, host=args.host, port=args.port, name=args.bundle, api_key=api_key, **limits)
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=None,
                        help="largest request body accepted, larger ones get 413 (default: 2 MiB)")
     serve.add_argument("--max-documents", type=int, default=1000, help="most documents per request (422 above)")
+    serve.add_argument("--max-batch-queries", type=int, default=32,
+                       help="most concurrent requests coalesced into one rerank_batch call (1: no coalescing)")
     serve.add_argument("--device", default=None)
     serve.add_argument("--dtype", default="auto")
     serve.add_argument("--batch-size", type=int, default=16)

@@ -187,9 +187,12 @@ BAD = [
     ("/v2/rerank", {"model": "rerank-english-v3.0", "query": "q", "documents": ["a"]}, 404, "model"),
     ("/v2/rerank", {"query": "q", "documents": ["x" * MAX_BODY]}, 413, "body"),
     ("/v2/rerank", "{not json", 400, "body"),
+    ("/v2/rerank", "[" * 15_000, 400, "body"),  # nested too deeply for the JSON parser
+    ("/v2/rerank", {"query": "q", "documents": ["fine", "lone \ud800 surrogate"]}, 422, "documents[1]"),
     ("/v2/rerank", [1, 2], 422, "body"),
     ("/rerank", {"query": "   ", "texts": ["a"]}, 422, "query"),
     ("/rerank", {"query": "q", "texts": {"a": 1}}, 422, "texts"),
+    ("/rerank", {"query": "\udfff", "texts": ["a"]}, 422, "query"),
     ("/rerank", {"query": "q", "texts": ["a"], "raw_scores": "yes"}, 422, "raw_scores"),
     ("/rerank", {"query": "q", "texts": ["a"], "truncation_direction": "Left"}, 422, "truncation_direction"),
     ("/rerank", {"query": "q", "texts": ["y" * MAX_BODY]}, 413, "body"),
@@ -302,5 +305,6 @@ def test_micro_batcher_coalesces_and_equals_single_calls(tiny_reranker):
 
     failing = MicroBatcher(tiny_reranker, max_queries=2)
     out = asyncio.run(run(failing, [("q", ["a"], "no-such-expert"), ("q", ["a"], None), ("q", ["b"], None)]))
-    assert isinstance(out[0], KeyError) and isinstance(out[1], KeyError)  # one batch, one error for both
+    assert isinstance(out[0], KeyError)  # the request at fault gets the error ...
+    assert out[1][1][0].document == "a"  # ... its batch-mate is run again alone and succeeds
     assert out[2][1][0].document == "b"  # and the worker kept serving

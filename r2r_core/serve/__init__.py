@@ -17,7 +17,8 @@ Endpoints (all JSON):
 returns. The extra key ``"r2r"`` (:data:`EXTRA_KEY`) carries the expert that scored the query and the router's
 probabilities (empty when there is no router).
 
-Behaviour: concurrent requests are coalesced into ``rerank_batch`` calls (:class:`MicroBatcher`). Bad input
+Behaviour: concurrent requests are coalesced into ``rerank_batch`` calls (:class:`MicroBatcher`; scores
+equal one-at-a-time ones up to the dtype's rounding, ``--max-batch-queries 1`` turns it off). Bad input
 gets a 4xx JSON body naming the field (``{"message", "field"}``; on ``/rerank`` TEI's ``{"error",
 "error_type", "field"}``): 400 for a body that is not JSON, 413 for one over ``max_body_bytes``, 422 for an
 empty query, a non-list ``documents`` / ``texts``, ``top_n`` < 1 and other bad fields, 404 for an unknown

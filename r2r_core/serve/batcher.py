@@ -2,13 +2,14 @@
 
 Requests that arrive while a batch is running, or within ``max_wait_s`` of a lone request, are scored
 together by :meth:`R2RReranker.rerank_batch_with_routes`, where candidates of queries routed to different
-experts share forward passes. Results equal those of scoring each request alone (the engine routes every
-query by itself); only the batching differs. One batch runs at a time, in a worker thread, so the event loop
+experts share forward passes. Routes and scores equal those of the request alone up to the dtype's rounding
+of differently shaped batches (fp32: ~1e-6; bf16: up to ~1e-2, which can swap near-ties);
+``max_queries=1`` turns coalescing off. One batch runs at a time, in a worker thread, so the event loop
 keeps accepting requests meanwhile.
 
 Contract of :meth:`MicroBatcher.rerank`: ``(route, results)`` exactly as :meth:`R2RReranker.rerank_with_route`
-with ``top_n=None`` (every document, best first; ``route`` is None when ``expert`` fixed the expert). Inputs
-must already be valid; an error in a batch fails every request of that batch with that error. A request
+with ``top_n=None`` (every document, best first; ``route`` is None when ``expert`` fixed the expert). When a
+batch fails, its requests are run again one by one, so only the request at fault gets the error. A request
 whose caller went away is dropped before its batch runs.
 """
 
@@ -106,20 +107,31 @@ class MicroBatcher:
             batch = [job for job in await self._collect() if not job.future.done()]
             if not batch:
                 continue
-            experts = [job.expert for job in batch]
             try:
-                routes, results = await asyncio.to_thread(
-                    self.engine.rerank_batch_with_routes, [job.query for job in batch],
-                    [job.documents for job in batch], experts=experts if any(e is not None for e in experts) else None,
-                )
-            except Exception as exc:  # every request of the batch gets the error; the worker keeps serving
-                logger.exception("a batch of %d requests failed", len(batch))
+                outcome = await asyncio.to_thread(self._score, batch)
+            except Exception:  # run them alone, so one bad request cannot fail the others
+                if len(batch) > 1:
+                    logger.warning("a batch of %d requests failed; running them one by one", len(batch))
                 for job in batch:
+                    try:
+                        [single] = await asyncio.to_thread(self._score, [job])
+                    except Exception as exc:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                        continue
                     if not job.future.done():
-                        job.future.set_exception(exc)
+                        job.future.set_result(single)
                 continue
-            self.batches += 1
-            self.requests += len(batch)
-            for job, route, result in zip(batch, routes, results):
+            for job, single in zip(batch, outcome):
                 if not job.future.done():
-                    job.future.set_result((route, result))
+                    job.future.set_result(single)
+
+    def _score(self, batch: list[_Job]) -> list[tuple[Route | None, list[RerankResult]]]:
+        experts = [job.expert for job in batch]
+        routes, results = self.engine.rerank_batch_with_routes(
+            [job.query for job in batch], [job.documents for job in batch],
+            experts=experts if any(e is not None for e in experts) else None,
+        )
+        self.batches += 1
+        self.requests += len(batch)
+        return list(zip(routes, results))

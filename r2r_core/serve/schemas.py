@@ -47,6 +47,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(400, "body", f"the body must be a JSON object: {exc}") from None
+    except RecursionError:
+        raise RequestError(400, "body", "the body nests JSON too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(422, "body", f"the body must be a JSON object, got {type(data).__name__}")
     return data
@@ -56,7 +58,16 @@ def _query(data: dict) -> str:
     query = data.get("query")
     if not isinstance(query, str) or not query.strip():
         raise RequestError(422, "query", f"`query` must be a non-empty string, got {_show(query)}")
-    return query
+    return _encodable(query, "query")
+
+
+def _encodable(text: str, field: str) -> str:
+    """``text`` if it is valid Unicode (JSON can carry lone surrogates, which no tokenizer accepts)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(422, field, f"`{field}` is not valid Unicode text ({exc.reason} at {exc.start})") from None
+    return text
 
 
 def _flag(data: dict, name: str) -> bool:
@@ -90,7 +101,7 @@ def _texts(data: dict, name: str, max_documents: int, allow_objects: bool) -> li
             item = item.get("text")
         if not isinstance(item, str):
             raise RequestError(422, f"{name}[{i}]", f"`{name}[{i}]` must be one of {shape}, got {_show(item)}")
-        out.append(item)
+        out.append(_encodable(item, f"{name}[{i}]"))
     return out
 
 
