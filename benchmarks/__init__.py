@@ -77,18 +77,20 @@ def timed(fn: Callable[[], T]) -> tuple[float, T]:
 
 
 def interleaved_times(fns: dict[str, Callable[[], T]], reps: int, warm_up: bool = True,
-                      log: Callable[[str, int, float], None] | None = None
+                      log: Callable[[str, int, float], None] | None = None, alternate: bool = False
                       ) -> tuple[dict[str, list[float]], dict[str, T]]:
     """Seconds of each callable over ``reps`` rounds that run every callable once, in order (after one warm-up
     round unless ``warm_up=False``), so that drift in the machine's load affects all of them alike; and each
-    callable's last result. ``log(name, rep, seconds)`` is called after every run."""
+    callable's last result. ``alternate`` reverses the order every other round (A B, B A, ...), so that neither
+    side always runs first. ``log(name, rep, seconds)`` is called after every run."""
     if warm_up:
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     results: dict[str, T] = {}
     for rep in range(reps):
-        for name, fn in fns.items():
+        order = list(fns.items())
+        for name, fn in (order[::-1] if alternate and rep % 2 else order):
             t, results[name] = timed(fn)
             times[name].append(t)
             if log is not None:

@@ -6,10 +6,11 @@ For a no-regression check of a change: check the old commit out beside the tree 
     python benchmarks/compare_versions.py --old /tmp/r2r-old --new . --out /tmp/compare.json
 
 Each checkout runs in a worker process of its own (its ``r2r_core`` first on ``sys.path``) that loads the same
-bundle once; the driver then asks them in turn, old, new, old, new, ..., to rerank one query's documents (the
+bundle once; the driver then asks them in turn, old, new, new, old, old, new, ..., to rerank one query's documents (the
 speed benchmark's equal-length random-word documents), so drift in the machine's load hits both alike. Only one
-worker runs at a time. Reported: each side's median seconds, the ratio of the medians (new / old), the median of
-the per-round ratios, and the largest difference between the two sides' margins.
+worker runs at a time. Reported, in wall time and in the workers' process CPU time (which leaves out the time
+the machine's cores were taken away by other processes): each side's median seconds, the ratio of the medians
+(new / old) and the median of the per-round ratios; and the largest difference between the two sides' margins.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 def worker(root: str, bundle: str, dtype: str, threads: int) -> int:
     """Serve rerank requests (one JSON line each on stdin: query, documents) with ``root``'s r2r_core."""
     sys.path.insert(0, root)
+    import time
+
     import torch
 
     torch.set_num_threads(threads)
@@ -38,11 +41,13 @@ def worker(root: str, bundle: str, dtype: str, threads: int) -> int:
     print(json.dumps({"ready": r2r_core.__file__}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        c0 = time.process_time()
         results = rr.rerank(request["query"], request["documents"])
+        cpu = time.process_time() - c0
         margins = [0.0] * len(results)
         for r in results:
             margins[r.index] = r.margin
-        print(json.dumps({"margins": margins, "expert": results[0].expert}), flush=True)
+        print(json.dumps({"margins": margins, "expert": results[0].expert, "cpu_s": cpu}), flush=True)
     return 0
 
 
@@ -115,20 +120,28 @@ def main(argv=None) -> int:
     args.bundle = (args.bundle or args.old / "r2r_core" / "default_bundle").resolve()
     query, docs = documents(args.bundle, args.docs)
     sides = {"old": Worker(args.old, args), "new": Worker(args.new, args)}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
+
+    def call(side: str) -> dict:
+        out = sides[side].rerank(query, docs)
+        cpu[side].append(out["cpu_s"])
+        return out
+
     try:
-        times, last = interleaved_times({k: (lambda w=w: w.rerank(query, docs)) for k, w in sides.items()},
-                                        args.rounds)
+        wall, last = interleaved_times({k: (lambda k=k: call(k)) for k in sides}, args.rounds, alternate=True)
     finally:
         for w in sides.values():
             w.close()
-    med = {k: statistics.median(t) for k, t in times.items()}
     result = {
         "old": revision(args.old), "new": revision(args.new), "bundle": str(args.bundle), "dtype": args.dtype,
         "threads": args.threads, "documents": len(docs), "rounds": args.rounds, "expert": last["new"]["expert"],
-        "seconds": times, "median_s": med, "ratio_of_medians": med["new"] / med["old"],
-        "median_of_round_ratios": statistics.median(n / o for n, o in zip(times["new"], times["old"])),
         "max_abs_margin_diff": max(abs(a - b) for a, b in zip(last["old"]["margins"], last["new"]["margins"])),
     }
+    for clock, times in (("wall", wall), ("cpu", {k: t[1:] for k, t in cpu.items()})):  # cpu[0]: the warm-up
+        med = {k: statistics.median(t) for k, t in times.items()}
+        result[clock] = {"seconds": times, "median_s": med, "ratio_of_medians": med["new"] / med["old"],
+                         "median_of_round_ratios": statistics.median(n / o for n, o in zip(times["new"],
+                                                                                           times["old"]))}
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
