@@ -3,7 +3,8 @@
 ::
 
     r2r.json                 format version, base model id + fingerprint, template, instructions,
-                             experts (name -> subfolder), router files, threshold
+                             experts (name -> subfolder), router files, threshold, and max_length: the
+                             prompt length the experts were trained at (optional; the reranker's default)
     experts/<name>/          a standard peft adapter folder (peft and vLLM load it directly)
     router.safetensors       the router head (+ router.json, its settings)
 
@@ -23,7 +24,7 @@ from r2r_core.experts import EXPERT_META_FILE, validate_expert_name
 from r2r_core.fsutil import current_umask, replace_dir
 from r2r_core.router import ROUTER_CONFIG, ROUTER_WEIGHTS, LatentRouter
 from r2r_core.runtime import DTYPES
-from r2r_core.scoring import BASE_ADAPTER
+from r2r_core.scoring import BASE_ADAPTER, check_max_length
 from r2r_core.templates import PromptTemplate
 
 __all__ = [
@@ -43,6 +44,13 @@ FORMAT_VERSION = 1
 
 @dataclass
 class BundleConfig:
+    """The contents of ``r2r.json``, validated on construction.
+
+    ``max_length`` is the prompt length, in tokens, the experts were trained at: the reranker's default
+    ``max_length``, since experts score best at the length they saw. None (bundles written before it was
+    recorded) leaves the reranker's general default; it is not written to ``r2r.json`` then.
+    """
+
     base_model: str
     base_fingerprint: dict
     template: dict
@@ -52,6 +60,7 @@ class BundleConfig:
     router: dict | None = None  # {"weights": "router.safetensors", "config": "router.json"}
     threshold: float | None = None
     fallback: str = BASE_ADAPTER  # the expert for queries the router is not confident about
+    max_length: int | None = None  # prompt length, in tokens, the experts were trained at; the reranker's default
     format_version: int = FORMAT_VERSION
     metadata: dict = field(default_factory=dict)
 
@@ -86,9 +95,14 @@ class BundleConfig:
         if self.fallback != BASE_ADAPTER and self.fallback not in self.experts:
             raise ValueError(f"fallback must be {BASE_ADAPTER!r} or one of the experts {sorted(self.experts)}, "
                              f"got {self.fallback!r}")
+        if self.max_length is not None:
+            check_max_length(self.max_length)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        data = asdict(self)
+        if data["max_length"] is None:  # absent rather than null: the file stays what older readers know
+            del data["max_length"]
+        return json.dumps(data, indent=2, sort_keys=True)
 
 
 def _check_inside(sub, what: str) -> None:
@@ -135,7 +149,8 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
                  instruction: str | None = None, experts: dict[str, str | Path] | None = None,
                  router: LatentRouter | None = None, threshold: float | None = None,
                  expert_instructions: dict[str, str] | None = None, metadata: dict | None = None,
-                 adapter_dtype: str | None = None, fallback: str = BASE_ADAPTER) -> Path:
+                 adapter_dtype: str | None = None, fallback: str = BASE_ADAPTER,
+                 max_length: int | None = None) -> Path:
     """Write a complete bundle atomically (built in a temporary folder, then moved into place).
 
     ``experts`` maps names to peft adapter folders, which are copied to ``experts/<name>/`` along with an
@@ -143,6 +158,7 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
     "float16", "float32") stores the adapters' floating-point weights in that dtype instead of copying them
     as they are: bf16 halves an fp32 adapter; experts are cast back to the backbone's dtype on load.
     ``fallback`` names the expert for queries routed below the threshold (``"__base__"``: the backbone).
+    ``max_length`` records the prompt length the experts were trained at, which loading then uses by default.
     """
     root = Path(path)
     if adapter_dtype is not None and adapter_dtype not in DTYPES:
@@ -179,7 +195,8 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
         config = BundleConfig(
             base_model=base_model, base_fingerprint=base_fingerprint, template=template.to_dict(),
             instruction=instruction, expert_instructions=dict(expert_instructions or {}), experts=sub_paths,
-            router=router_entry, threshold=threshold, fallback=fallback, metadata=dict(metadata or {}),
+            router=router_entry, threshold=threshold, fallback=fallback, max_length=max_length,
+            metadata=dict(metadata or {}),
         )
         (tmp / BUNDLE_FILE).write_text(config.to_json(), encoding="utf-8")
         _make_readable(tmp)
@@ -216,9 +233,9 @@ def export_bundle(src: str | Path, dst: str | Path, *, adapter_dtype: str | None
                   metadata: dict | None = None, router: LatentRouter | None = None) -> Path:
     """Copy the bundle at ``src`` to ``dst`` (atomically), optionally storing the adapters in ``adapter_dtype``.
 
-    Works on files only: no model is loaded. The base fingerprint, template, instructions, router and
-    threshold are kept, unless ``router`` is given: it then replaces the router, and its ``threshold`` the
-    bundle's. ``metadata`` entries are added to the bundle's metadata.
+    Works on files only: no model is loaded. The base fingerprint, template, instructions, router, threshold
+    and recorded ``max_length`` are kept, unless ``router`` is given: it then replaces the router, and its
+    ``threshold`` the bundle's. ``metadata`` entries are added to the bundle's metadata.
     """
     src = Path(src)
     config = read_bundle(src)
@@ -240,5 +257,5 @@ def export_bundle(src: str | Path, dst: str | Path, *, adapter_dtype: str | None
         template=PromptTemplate.from_dict(config.template), instruction=config.instruction,
         experts={name: src / sub for name, sub in config.experts.items()}, router=router,
         threshold=threshold, expert_instructions=config.expert_instructions, metadata=meta,
-        adapter_dtype=adapter_dtype, fallback=config.fallback,
+        adapter_dtype=adapter_dtype, fallback=config.fallback, max_length=config.max_length,
     )

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=None)
     serve.add_argument("--dtype", default="auto")
     serve.add_argument("--batch-size", type=int, default=16)
-    serve.add_argument("--max-length", type=int, default=512)
+    serve.add_argument("--max-length", type=int, default=None,
+                       help="prompt length in tokens (default: the bundle's trained length, else 512)")
     serve.set_defaults(func=_serve)
     for module in ("r2r_core.training.cli", "r2r_core.evaluation.cli"):
         try:

@@ -7,8 +7,9 @@ Contract:
 
 * Two calls with equal options return the *same* engine; options differ when any of ``model`` (a bundle
   folder by its resolved path), the device and dtype actually picked (``device=None`` and ``"cpu"`` are the
-  same on a CPU-only machine), ``batch_size``, ``max_length``, ``template``, ``instruction``,
-  ``trust_remote_code`` or any ``engine_kwargs`` entry differ.
+  same on a CPU-only machine), ``batch_size``, ``max_length`` as resolved (``None`` and the length the
+  bundle records are the same), ``template``, ``instruction``, ``trust_remote_code`` or any ``engine_kwargs``
+  entry differ.
 * The cache holds engines weakly: an engine is freed as soon as nothing else (an adapter, the caller) refers to
   it, and the next call loads it again.
 * Concurrent calls with equal options load once; the others wait for that load.
@@ -24,7 +25,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from r2r_core.reranker import R2RReranker
+from r2r_core.reranker import R2RReranker, resolve_max_length
 from r2r_core.runtime import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -37,11 +38,15 @@ _guard = threading.Lock()
 
 
 def engine_key(model: str = "default", *, device: str | None = None, dtype: str = "auto", **options: Any) -> tuple:
-    """The cache key of these loading options (raises TypeError if an option's value is not hashable)."""
+    """The cache key of these loading options (raises TypeError if an option's value is not hashable).
+
+    ``max_length`` enters as :func:`~r2r_core.reranker.resolve_max_length` resolves it (reading the bundle's
+    ``r2r.json``), so leaving it out and passing the bundle's own value share one engine."""
     name = str(model)
     if name != "default" and Path(name).exists():
         name = str(Path(name).resolve())
     dev = resolve_device(device)
+    options["max_length"] = resolve_max_length(model, options.get("max_length"))
     key = (name, str(dev), str(resolve_dtype(dtype, dev)), *sorted(options.items()))
     hash(key)
     return key

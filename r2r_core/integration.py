@@ -3,9 +3,11 @@
 Both adapters accept either loading options (``model``, ``device``, ``dtype``, ``batch_size``,
 ``max_length``, ``template``, ``instruction``, ``trust_remote_code`` and the ``engine_kwargs`` escape hatch,
 all passed to :meth:`R2RReranker.from_pretrained`) or an already loaded ``reranker`` to share, and an optional
-fixed ``expert``. Without ``reranker=``, engines come from :func:`r2r_core.engines.shared_engine`, so adapters
-with equal loading options share one. With it, the adapter's loading fields are set from the engine
-(:func:`engine_options`), so serialising the adapter says what it really runs.
+fixed ``expert``. ``max_length=None`` (their default) is the length the bundle's experts were trained at, else
+512 (:func:`r2r_core.reranker.resolve_max_length`). Without ``reranker=``, engines come from
+:func:`r2r_core.engines.shared_engine`, so adapters with equal loading options share one. With it, the adapter's
+loading fields are set from the engine (:func:`engine_options`), so serialising the adapter says what it really
+runs.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def resolve_engine(
     device: str | None,
     dtype: str,
     batch_size: int,
-    max_length: int,
+    max_length: int | None,
     expert: str | None,
     template: str | None = None,
     instruction: str | None = None,

@@ -1,4 +1,8 @@
-"""``R2RReranker``: the public facade -- route the query, then score its candidates with the chosen expert."""
+"""``R2RReranker``: the public facade -- route the query, then score its candidates with the chosen expert.
+
+The prompt length (``max_length``) defaults to the one a bundle's experts were trained at (its recorded
+``max_length``; :func:`resolve_max_length`), else 512; an explicit value always wins.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from r2r_core.experts import ExpertSet
 from r2r_core.router import LatentRouter, Route
 from r2r_core.scoring import (
     BASE_ADAPTER,
+    DEFAULT_MAX_LENGTH,
     PromptEncoder,
     YesNoIds,
     check_max_length,
@@ -28,9 +33,27 @@ from r2r_core.templates import PromptTemplate, get_template, template_from_chat
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_BUNDLE_DIR", "R2RReranker", "RerankResult", "Route"]
+__all__ = ["DEFAULT_BUNDLE_DIR", "R2RReranker", "RerankResult", "Route", "resolve_max_length"]
 
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
+
+
+def _model_path(name_or_path: str | Path) -> Path:
+    return DEFAULT_BUNDLE_DIR if str(name_or_path) == "default" else Path(name_or_path)
+
+
+def resolve_max_length(name_or_path: str | Path, max_length: int | None = None) -> int:
+    """The prompt length ``R2RReranker.from_pretrained(name_or_path, max_length=max_length)`` uses.
+
+    ``max_length`` when given (checked); else the length the bundle's experts were trained at (``max_length``
+    in its ``r2r.json``); else :data:`~r2r_core.scoring.DEFAULT_MAX_LENGTH` (512), for a plain causal LM or a
+    bundle that records none. Reads only ``r2r.json``: no model is loaded.
+    """
+    if max_length is not None:
+        return check_max_length(max_length)
+    path = _model_path(name_or_path)
+    trained = read_bundle(path).max_length if is_bundle(path) else None
+    return DEFAULT_MAX_LENGTH if trained is None else trained
 
 
 @dataclass(frozen=True)
@@ -90,18 +113,21 @@ class R2RReranker:
     """Domain-routed decoder-only reranker: one frozen backbone, LoRA experts, a latent semantic router.
 
     Load once (``from_pretrained``) and reuse; every call is thread-safe and routes experts per row.
+    ``max_length`` (tokens per prompt; None: 512 here, a bundle's trained length in :meth:`from_pretrained`)
+    is read back as ``encoder.max_length``.
     """
 
     def __init__(self, backbone: Backbone, template: PromptTemplate, *, instruction: str | None = None,
                  router: LatentRouter | None = None, threshold: float | None = None, batch_size: int = 16,
-                 max_length: int = 512, use_prefix_cache: bool = True, fallback: str = BASE_ADAPTER):
+                 max_length: int | None = None, use_prefix_cache: bool = True, fallback: str = BASE_ADAPTER):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
         self.backbone = backbone
         self.template = template
         self.instruction = instruction or template.default_instruction
         self.batch_size = batch_size
-        self.encoder = PromptEncoder(backbone.tokenizer, template, max_length)
+        self.encoder = PromptEncoder(backbone.tokenizer, template,
+                                     DEFAULT_MAX_LENGTH if max_length is None else max_length)
         self.yes_no = YesNoIds.from_tokenizer(backbone.tokenizer, template)
         install_yes_no_head(backbone.model, self.yes_no)
         self._experts = ExpertSet(backbone.model, backbone.fingerprint)
@@ -118,23 +144,26 @@ class R2RReranker:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", *, device=None, dtype="auto",
-                        batch_size: int = 16, max_length: int = 512, trust_remote_code: bool = False,
+                        batch_size: int = 16, max_length: int | None = None, trust_remote_code: bool = False,
                         template: str | PromptTemplate | None = None, instruction: str | None = None,
                         use_prefix_cache: bool = True) -> R2RReranker:
         """``"default"`` (the bundle shipped in the package), an R2R bundle folder, or any causal LM
         (hub id or local folder), which is then used as a generalist with no experts.
 
         ``template`` (a built-in name or a :class:`PromptTemplate`) and ``instruction`` replace the bundle's;
-        experts that carry an instruction of their own keep it. ``batch_size`` and ``max_length`` are checked
-        before anything is loaded. The options used are kept in :attr:`load_options`."""
+        experts that carry an instruction of their own keep it. ``max_length`` (tokens per prompt) None means the
+        length the bundle's experts were trained at (its recorded ``max_length``), else 512; an explicit value
+        always wins (see :func:`resolve_max_length`). ``batch_size`` and ``max_length`` are checked before
+        anything is loaded. The options used are kept in :attr:`load_options` (``max_length``: the resolved
+        value)."""
         if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
             raise ValueError(f"`name_or_path` must be 'default', a bundle folder or a model id, got {name_or_path!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
-        check_max_length(max_length)
+        max_length = resolve_max_length(name_or_path, max_length)
         if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
             raise ValueError(f"`instruction` must be a non-empty string or None, got {instruction!r}")
-        path = DEFAULT_BUNDLE_DIR if str(name_or_path) == "default" else Path(name_or_path)
+        path = _model_path(name_or_path)
         if is_bundle(path):
             self = cls._from_bundle(path, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
                                     trust_remote_code=trust_remote_code, template=template, instruction=instruction,
@@ -187,7 +216,8 @@ class R2RReranker:
         return self
 
     def save_pretrained(self, path: str | Path, *, adapter_dtype: str | None = None) -> Path:
-        """Write this reranker as a bundle (experts, router, template, instructions, base fingerprint).
+        """Write this reranker as a bundle (experts, router, template, instructions, base fingerprint, and
+        ``encoder.max_length`` as the bundle's ``max_length``, the default of the next load).
 
         ``adapter_dtype="bfloat16"`` stores the experts' weights in bf16 (half the size of fp32).
         """
@@ -197,7 +227,7 @@ class R2RReranker:
                 template=self.template, instruction=self.instruction, experts=dict(self._sources),
                 router=self.router, threshold=self.threshold,
                 expert_instructions={n: i for n in self.experts if (i := self._experts.instruction(n))},
-                adapter_dtype=adapter_dtype, fallback=self._fallback,
+                adapter_dtype=adapter_dtype, fallback=self._fallback, max_length=self.encoder.max_length,
             )
 
     # ------------------------------------------------------------------ experts

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BASE_ADAPTER",
+    "DEFAULT_MAX_LENGTH",
     "MIN_MAX_LENGTH",
     "PromptEncoder",
     "TemplateTokenizer",
@@ -59,6 +60,8 @@ _MIN_QUERY_TOKENS = 16
 _QUERY_SHARE = 2  # the query gets at most max_length // this many tokens
 _CHARS_PER_TOKEN_BOUND = 32  # texts are cut to budget * this many characters before tokenizing
 MIN_MAX_LENGTH = 2 * _MIN_DOC_TOKENS  # the smallest prompt that leaves room for a document beside the template
+#: The prompt length of a model that records none (a plain causal LM, a bundle without ``max_length``).
+DEFAULT_MAX_LENGTH = 512
 
 
 def check_max_length(value) -> int:
@@ -202,7 +205,7 @@ class PromptEncoder:
     """Tokenizes prompts as ``prefix | doc_sep + document | suffix``; the query is cut to
     :meth:`query_budget` tokens, then the document to what is left; the suffix is never cut."""
 
-    def __init__(self, tokenizer, template: PromptTemplate, max_length: int = 512):
+    def __init__(self, tokenizer, template: PromptTemplate, max_length: int = DEFAULT_MAX_LENGTH):
         check_max_length(max_length)
         self.tokenizer = tokenizer
         self.template = template
@@ -283,7 +286,7 @@ class PromptEncoder:
 
 
 def encode_pair(tokenizer, template: PromptTemplate, instruction: str, query: str, document: str,
-                max_length: int = 512) -> list[int]:
+                max_length: int = DEFAULT_MAX_LENGTH) -> list[int]:
     """Token ids of one whole prompt (prefix + truncated document + suffix)."""
     prefix, tails = PromptEncoder(tokenizer, template, max_length).encode(instruction, query, [document])
     return prefix + tails[0]

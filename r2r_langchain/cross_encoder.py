@@ -28,23 +28,25 @@ class R2RCrossEncoder(BaseCrossEncoder):
         >>> compressor = CrossEncoderReranker(model=R2RCrossEncoder(), top_n=3)
 
     Pass ``reranker=`` to use a loaded engine; otherwise the loading options select a shared engine exactly as
-    :class:`r2r_langchain.R2RRerank`'s do (equal options share one).
+    :class:`r2r_langchain.R2RRerank`'s do (equal options share one; ``max_length=None`` is the bundle's trained
+    length, else 512).
     """
 
     def __init__(self, reranker: R2RReranker | None = None, *, model: str = "default", device: str | None = None,
-                 dtype: str = "auto", batch_size: int = 16, max_length: int = 512, template: str | None = None,
-                 instruction: str | None = None, trust_remote_code: bool = False,
+                 dtype: str = "auto", batch_size: int = 16, max_length: int | None = None,
+                 template: str | None = None, instruction: str | None = None, trust_remote_code: bool = False,
                  engine_kwargs: dict[str, Any] | None = None, expert: str | None = None):
         given = {name for name, value, default in (
             ("model", model, "default"), ("device", device, None), ("dtype", dtype, "auto"),
-            ("batch_size", batch_size, 16), ("max_length", max_length, 512), ("template", template, None),
+            ("batch_size", batch_size, 16), ("max_length", max_length, None), ("template", template, None),
             ("instruction", instruction, None), ("trust_remote_code", trust_remote_code, False),
             ("engine_kwargs", engine_kwargs, None)) if value != default}
         self.expert = expert
         self.engine = resolve_engine(
             reranker, given, model=model, device=device, dtype=dtype,
-            batch_size=check_positive("batch_size", batch_size), max_length=check_max_length(max_length),
-            template=template, instruction=instruction, trust_remote_code=trust_remote_code,
+            batch_size=check_positive("batch_size", batch_size),
+            max_length=None if max_length is None else check_max_length(max_length), template=template,
+            instruction=instruction, trust_remote_code=trust_remote_code,
             engine_kwargs=check_engine_kwargs(engine_kwargs), expert=expert,
         )
 

@@ -87,8 +87,10 @@ class R2RRerank(BaseDocumentCompressor):
     device: str | None = Field(default=None, description="cuda / mps / cpu; None picks the best one.")
     dtype: str = Field(default="auto", description='"auto", "float32", "bfloat16" or "float16".')
     batch_size: int = Field(default=16, description="Query-document pairs per forward pass.")
-    max_length: int = Field(
-        default=512, description="Prompt length in tokens (at least 32); only documents are cut, with a warning."
+    max_length: int | None = Field(
+        default=None,
+        description="Prompt length in tokens (at least 32); None: the bundle's trained length, else 512. Only "
+        "documents are cut, with a warning.",
     )
     template: str | None = Field(
         default=None, description="A built-in prompt template (qwen3, chatml, bge-gemma); None keeps the bundle's."
@@ -138,8 +140,8 @@ class R2RRerank(BaseDocumentCompressor):
 
     @field_validator("max_length")
     @classmethod
-    def _check_max_length(cls, value: int) -> int:
-        return check_max_length(value)  # the core's rule and message
+    def _check_max_length(cls, value: int | None) -> int | None:
+        return None if value is None else check_max_length(value)  # the core's rule and message
 
     @field_validator("engine_kwargs")
     @classmethod

@@ -75,7 +75,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda[:N] or mps (default: best available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--batch-size", type=int, default=16, help="reranker batch size (default: 16)")
-    p.add_argument("--max-length", type=int, default=512, help="reranker max prompt tokens (default: 512)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="reranker max prompt tokens (default: the bundle's trained length, else 512)")
     p.add_argument(
         "--threads",
         type=int,
