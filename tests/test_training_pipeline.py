@@ -24,7 +24,8 @@ def trained(tmp_path_factory, tiny_model_dir):
     write_toy_beir(root / "data", n_train=10, n_dev=4)
     out = root / "out"
     args = ["train", "--recipe", str(SMOKE), "--data", str(root / "data"), "--base-model", str(tiny_model_dir),
-            "--out", str(out), "--precision", "fp32", "--no-progress", "--ablations", "single-lora", "direct-ft"]
+            "--out", str(out), "--precision", "fp32", "--no-progress", "--ablations", "single-lora", "direct-ft",
+            "--set", "stage2.max_length=144"]  # Stage 2 prompts shorter than [train]'s 160: the bundles record them
     assert main(args) == 0
     return out, args
 
@@ -38,6 +39,7 @@ def test_bundle_loads_and_routes_its_training_queries(trained):
     assert sorted(reranker.experts) == ["financial", "general", "legal", "medical"]
     assert reranker.router is not None and sorted(reranker.router.labels) == ["financial", "legal", "medical"]
     assert reranker.fallback == "general"  # Stage 1's generalist takes the queries the router is unsure of
+    assert reranker.encoder.max_length == 144  # scored at the length the experts were trained at
     general = (out / "bundle" / "experts" / "general" / "adapter_model.safetensors").read_bytes()
     assert general == (out / "runs" / "stage1-eag" / "adapter" / "adapter_model.safetensors").read_bytes()
     data = [load_beir(f, "train") for f in find_datasets(out.parent / "data")]
@@ -65,12 +67,15 @@ def test_layout_reports_and_ablation_bundles(trained):
     assert any("[" in g["query"] for g in stage1)
     cfg = read_bundle(out / "bundle")
     assert cfg.threshold == report["router"]["threshold"]["threshold"]
+    assert cfg.max_length == 144  # the prompt length the domain experts were trained at
     assert cfg.metadata["router_threshold_rule"]["rule"] == "keep-correct"
     assert json.loads((out / "bundle" / "training_report.json").read_text())["router"]["dev"]["accuracy"] >= 0
     single = R2RReranker.from_pretrained(out / "ablations" / "single-lora", device="cpu", dtype="float32")
     assert single.experts == ["single-lora"] and single.router is None
+    assert single.encoder.max_length == 160  # single-lora trains with [train]'s length, which it records
     direct = read_bundle(out / "ablations" / "direct-ft")
     assert sorted(direct.experts) == ["financial", "legal", "medical"] and direct.router is not None
+    assert direct.max_length == 144
     # one PNG of every run's loss and dev curve
     assert report["curves"] == str(out / "training_curves.png")
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -130,6 +135,7 @@ def test_router_only_refits_the_router_and_copies_the_experts(trained, tmp_path,
     assert "router on layer 1" in capsys.readouterr().out
     old, new = read_bundle(out / "bundle"), read_bundle(refit)
     assert new.experts == old.experts and new.template == old.template
+    assert new.max_length == old.max_length == 144  # the experts are the same, so is their trained length
     for sub in old.experts.values():
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             assert (refit / sub / name).read_bytes() == (out / "bundle" / sub / name).read_bytes()

@@ -322,8 +322,12 @@ def _run_recipe(recipe, *, out_dir, resume, max_steps, progress) -> dict:
 
     def write(path: Path, experts: dict, with_router: bool, runs: list[str], fallback: str = BASE_ADAPTER) -> None:
         meta = {"recipe": recipe.source, "runs": runs, "router_threshold_rule": router_report["threshold"]}
+        # the prompt length the domain experts (Stage 2; single-lora's own stage) were trained at: the bundle's
+        # default max_length at inference, so the experts score at the length they learned
+        stage = "single_lora" if runs == ["single-lora"] else "stage2"
         write_bundle(path, experts=experts, router=router if with_router else None,
-                     threshold=threshold if with_router else None, metadata=meta, fallback=fallback, **bundle_args)
+                     threshold=threshold if with_router else None, metadata=meta, fallback=fallback,
+                     max_length=recipe.stage_config(stage).max_length, **bundle_args)
         sub = {k: report["runs"][k] for k in runs}
         atomic_json({"runs": sub, "router": router_report, "recipe": recipe.to_dict()}, path / "training_report.json")
         bundles[path.name if path.parent.name == "ablations" else "r2r"] = str(path)
