@@ -112,13 +112,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--plot", default=None)
     ap.add_argument("--cache", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-length", type=int, default=192,
+                    help="prompt length in tokens (default 192: the length the recipe trains at)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     points = sorted(args.point)
     if len({p for p, _ in points}) != len(points):
         raise SystemExit("two points have the same number of pairs")
-    reranker = R2RReranker.from_pretrained("default")
+    reranker = R2RReranker.from_pretrained("default", max_length=args.max_length)
     systems = [FirstStageSystem(), MiniLMSystem()]
     with tempfile.TemporaryDirectory(prefix="r2r-curve-") as tmp:
         for pairs, path in points:
