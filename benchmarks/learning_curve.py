@@ -76,6 +76,8 @@ def plot(report: dict, path: Path) -> Path:
         for base, style in (("first-stage", ("tab:gray", "--")), ("minilm", ("tab:blue", ":"))):
             ax.axhline(report["baselines"][base][name], color=style[0], linestyle=style[1], label=base)
         ax.set_xscale("symlog", linthresh=1000)
+        ticks = [0] + [10 ** k for k in range(3, max(4, math.ceil(math.log10(max(xs + [10])))) + 1)]
+        ax.set_xticks(ticks, ["0 (base)"] + [f"{t:,}" for t in ticks[1:]], fontsize=7)
         ax.set_title(f"{name} ({report['queries'][name]} queries)")
         ax.set_xlabel("training pairs seen")
         ax.set_ylabel("nDCG@10")
