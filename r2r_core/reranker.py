@@ -18,7 +18,7 @@ import torch
 from r2r_core.backbone import Backbone, fingerprints_match, load_backbone
 from r2r_core.bundle import is_bundle, read_bundle, write_bundle
 from r2r_core.experts import ExpertSet
-from r2r_core.router import LatentRouter, Route
+from r2r_core.router import NO_ROUTER, LatentRouter, Route
 from r2r_core.scoring import (
     BASE_ADAPTER,
     DEFAULT_MAX_LENGTH,
@@ -275,12 +275,14 @@ class R2RReranker:
         self._fallback = name
 
     def route(self, query: str) -> Route:
-        """The expert the router picks for ``query``: :attr:`fallback` without a router or below threshold."""
+        """The expert the router picks for ``query``, and why (``Route.reason``): :attr:`fallback` without a router
+        (``"no_router"``), below the threshold (``"below_threshold"``) or far from every domain the router was
+        trained on (``"out_of_distribution"``)."""
         return self._route_many([_check_query(query)])[0]
 
     def _route_many(self, queries: list[str]) -> list[Route]:
         if self.router is None:
-            return [Route(self._fallback, {}) for _ in queries]
+            return [Route(self._fallback, {}, NO_ROUTER) for _ in queries]
         with self._lock:
             feats = self.router.encode(self.model, self.tokenizer, queries, batch_size=self.batch_size)
         return self.router.route_features(feats, self.threshold, self._fallback)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -246,3 +248,121 @@ def test_router_cuts_long_queries_to_its_budget(tiny_backbone, caplog):
     assert len([r for r in caplog.records if "cut a query" in r.getMessage()]) == 1
     with pytest.raises(ValueError, match="max_query_tokens"):
         router.encode(model, tok, ["q"], max_query_tokens=0)
+
+
+def _clusters(seed: int = 0, n: int = 20, dim: int = 16):
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, dim, generator=gen) * 4
+    x = torch.cat([centers[i] + torch.randn(n, dim, generator=gen) for i in range(3)])
+    return x, [lab for lab in ["a", "b", "c"] for _ in range(n)], centers
+
+
+def test_mean_pooling_is_the_mean_over_the_query_tokens_and_is_saved(tiny_backbone, tmp_path):
+    """``pooling="mean"`` averages the layer's states over the query's own tokens (the template's fixed prefix left
+    out); the setting and concatenated layers survive save/load."""
+    model, tok = tiny_backbone.model, tiny_backbone.tokenizer
+    router = LatentRouter(["a", "b"], layer=[1, 2], pooling="mean")
+    queries = ["side effects of metformin", "which clause covers termination of the agreement"]
+    got = router.encode(model, tok, queries)
+    assert got.shape == (2, 64)
+    prefix = tok("<Query>: ", add_special_tokens=False)["input_ids"]
+    for i, q in enumerate(queries):
+        ids = tok("<Query>: " + q, add_special_tokens=False)["input_ids"]
+        start = next(k for k, (a, b) in enumerate(zip(ids, prefix)) if a != b)
+        with torch.inference_mode():
+            states = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        ref = torch.cat([states[1][0, start:].mean(0), states[2][0, start:].mean(0)])
+        # fp32, a batch of two (padded) against one unpadded sequence: ~1e-6 apart
+        torch.testing.assert_close(got[i], ref, atol=1e-4, rtol=1e-4)
+    last = LatentRouter(["a", "b"], layer=[1, 2], pooling="last").encode(model, tok, queries)
+    assert not torch.allclose(last, got)
+    router.fit(got, ["a", "b"], epochs=5)
+    router.save(tmp_path)
+    again = LatentRouter.load(tmp_path)
+    assert again.pooling == "mean" and again.layers == (1, 2) and again.layer == (1, 2)
+    assert json.loads((tmp_path / "router.json").read_text())["layer"] == [1, 2]
+    torch.testing.assert_close(again.encode(model, tok, queries), got, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="pooling"):
+        LatentRouter(["a"], pooling="max")
+    with pytest.raises(ValueError, match="repeat"):
+        LatentRouter(["a"], layer=[1, 1])
+
+
+def test_temperature_divides_the_logits_and_is_saved(tmp_path):
+    x, labels, _ = _clusters()
+    router = LatentRouter(["a", "b", "c"])
+    router.fit(x, labels, epochs=100)
+    logits = router.logits(x)
+    cold = router.predict_proba(x)
+    router.temperature = 2.0
+    warm = router.predict_proba(x)
+    torch.testing.assert_close(warm, torch.softmax(logits / 2.0, dim=1))
+    assert torch.equal(warm.argmax(1), cold.argmax(1))  # the ranking of the experts does not change
+    assert bool((warm.max(1).values <= cold.max(1).values + 1e-6).all())  # only the confidence does
+    router.save(tmp_path)
+    again = LatentRouter.load(tmp_path)
+    assert again.temperature == 2.0
+    torch.testing.assert_close(again.predict_proba(x), warm)
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="temperature"):
+            LatentRouter(["a"], temperature=bad)
+
+
+def test_a_query_far_from_every_domain_goes_to_the_fallback_however_confident(tmp_path):
+    x, labels, centers = _clusters()
+    router = LatentRouter(["a", "b", "c"], threshold=0.5)
+    router.fit(x, labels, epochs=200)
+    inside = router.distance(x)
+    router.ood_cutoff = float(inside.max()) * 1.01
+    # far out along the direction of class a: the softmax is surest there, but no training query is near
+    far = centers[0:1] * 10
+    assert router.predict_proba(far).max() > 0.99
+    route = router.route_features(far, fallback="general")[0]
+    assert (route.expert, route.reason) == ("general", "out_of_distribution")
+    assert route.distance > router.ood_cutoff and route.probabilities["a"] > 0.99
+    routes = router.route_features(x, fallback="general")
+    assert {r.reason for r in routes} == {"routed"}
+    assert sum(r.expert == lab for r, lab in zip(routes, labels)) >= 57
+    low = router.route_features(torch.zeros(1, 16), threshold=0.999, fallback="general")[0]
+    assert low.reason in ("below_threshold", "out_of_distribution") and low.expert == "general"
+    router.save(tmp_path)
+    again = LatentRouter.load(tmp_path)
+    assert again.ood_cutoff == router.ood_cutoff
+    assert again.route_features(far, fallback="general")[0].reason == "out_of_distribution"
+    router.ood_cutoff = None  # no check: the confident softmax wins
+    assert router.route_features(far)[0].expert == "a"
+
+
+def test_a_router_saved_before_pooling_temperature_and_distances_loads_as_before(tmp_path):
+    """An old router.json (no pooling, temperature or ood_cutoff) and weights without centroids: last-token
+    pooling, temperature 1, no distance check."""
+    from safetensors.torch import save_file
+
+    x, labels, _ = _clusters()
+    new = LatentRouter(["a", "b", "c"], layer=22, threshold=0.4)
+    new.fit(x, labels, epochs=50)
+    save_file({"weight": new.weight, "bias": new.bias, "mean": new.mean, "std": new.std},
+              str(tmp_path / "router.safetensors"))
+    (tmp_path / "router.json").write_text(json.dumps({
+        "labels": ["a", "b", "c"], "layer": 22, "query_template": "<Query>: {query}", "threshold": 0.4,
+        "weight_decay": 0.01, "hidden_size": 16}))
+    old = LatentRouter.load(tmp_path)
+    assert (old.pooling, old.temperature, old.ood_cutoff, old.centroids, old.layer) == ("last", 1.0, None, None, 22)
+    torch.testing.assert_close(old.predict_proba(x), new.predict_proba(x))
+    routes = old.route_features(x)
+    assert all(r.distance is None and r.reason in ("routed", "below_threshold") for r in routes)
+    cfg = json.loads((tmp_path / "router.json").read_text())
+    (tmp_path / "router.json").write_text(json.dumps({**cfg, "ood_cutoff": 1.0}))
+    with pytest.raises(ValueError, match="centroids"):
+        LatentRouter.load(tmp_path)
+
+
+def test_reranker_routes_say_why(tiny_reranker):
+    route = tiny_reranker.route("What are the side effects of metformin?")
+    assert route.reason == "routed" and route.distance is not None
+    router, tiny_reranker.router = tiny_reranker.router, None
+    try:
+        assert tiny_reranker.route("any query") == tiny_reranker.route("other")
+        assert tiny_reranker.route("any query").reason == "no_router"
+    finally:
+        tiny_reranker.router = router
