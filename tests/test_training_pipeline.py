@@ -45,7 +45,11 @@ def test_bundle_loads_and_routes_its_training_queries(trained):
     data = [load_beir(f, "train") for f in find_datasets(out.parent / "data")]
     for ds in data:
         for q in ds.queries.values():
-            assert reranker.route(q.text).expert == q.domain, q.text
+            route = reranker.route(q.text)
+            assert max(route.probabilities, key=route.probabilities.get) == q.domain, q.text
+            # the threshold comes from datasets the router never saw; on toy data with a random backbone it does not
+            # generalise, so an unsure route goes to the generalist, saying why
+            assert route.expert == q.domain or (route.expert == "general" and route.reason != "routed"), q.text
     docs = list(next(iter(data[0].corpus.values())).text for _ in range(1)) + ["unrelated"]
     results = reranker.rerank(next(iter(data[0].queries.values())).text, docs)
     assert len(results) == 2 and results[0].expert in reranker.experts
@@ -68,7 +72,8 @@ def test_layout_reports_and_ablation_bundles(trained):
     cfg = read_bundle(out / "bundle")
     assert cfg.threshold == report["router"]["threshold"]["threshold"]
     assert cfg.max_length == 144  # the prompt length the domain experts were trained at
-    assert cfg.metadata["router_threshold_rule"]["rule"] == "keep-correct"
+    assert cfg.metadata["router_threshold_rule"]["rule"] == "lodo"  # chosen on leave-one-dataset-out folds
+    assert set(report["router"]["lodo"]["per_dataset"]) == {"toyfin", "toylaw", "toymed"}
     assert json.loads((out / "bundle" / "training_report.json").read_text())["router"]["dev"]["accuracy"] >= 0
     single = R2RReranker.from_pretrained(out / "ablations" / "single-lora", device="cpu", dtype="float32")
     assert single.experts == ["single-lora"] and single.router is None

@@ -133,7 +133,11 @@ def _router_only(recipe, args: argparse.Namespace) -> int:
     dev = report.get("dev")
     summary = (f"dev accuracy {dev['accuracy']:.4f} ({dev['n']} queries), macro-F1 {dev['macro_f1']:.4f}, "
                if dev else "no dev queries, ")
-    print(f"wrote {args.out}: router on layer {recipe.router.layer}, {summary}"
+    lodo = report.get("lodo")
+    held = (f"datasets it never saw (leave-one-out): accuracy mean {lodo['mean']:.4f}, min {lodo['min']:.4f}, "
+            f"confident wrong {lodo['confident_wrong']:.4f}; " if lodo else "no dataset could be held out; ")
+    print(f"wrote {args.out}: router on layer {recipe.router.layer} ({recipe.router.pooling} pooling), {held}"
+          f"{summary}temperature {report.get('temperature', 1.0):.3f}, "
           f"threshold {report['threshold']['threshold']:.4f}")
     return 0
 
