@@ -1,244 +1,250 @@
 """Routing on datasets the router never saw: leave-one-dataset-out (LODO) accuracy of router variants (issue #16).
 
-One command, from a clean clone (after the README's set-up, with ``../shared/data`` beside the repo)::
+From the repository root, with the shared data beside the repo (``../shared/data``)::
 
-    python benchmarks/router_lodo.py --out benchmarks/router_lodo.json
+    python benchmarks/router_lodo.py --recipe recipes/default.toml --cache /tmp/router_lodo_features.pt \\
+        --out benchmarks/router_lodo.json              # the recipe's [router]: what `r2r train` ships
+    python benchmarks/router_lodo.py ... --search settings    # and the variants it was chosen from
+    python benchmarks/router_lodo.py ... --search templates
 
-For every shared dataset X whose domain has another dataset to learn from (cuad, policyqa, mediqa, medquad), a
-router is fitted without any of X's data and routes X's queries (train and dev). tatqa is the only financial set:
-its fold trains on pseudo-queries made from tatqa's passages in place of its queries, then routes the real ones.
-Pseudo-queries are a passage's title, else its first sentence (at most ``--pseudo-words`` words).
+Every number comes from the product's own code (``r2r_core.training.router_training``): the training rows of
+``routing_examples`` (queries of the train splits, pseudo-queries of the corpora, dataset-balanced weights), the
+folds of ``lodo_predictions`` (a dataset whose domain has another dataset is held out entirely; tatqa, the only
+financial set, is held out with its passages' pseudo-queries standing in for its queries), and the temperature,
+distance cut-off and threshold of ``summarize_lodo``. Reported per variant: the accuracy per held-out dataset,
+their mean and minimum, the share of confident wrong routes, where the queries of each dataset went, and, for
+the final router (all rows), the share of hand-written out-of-domain questions
+(``benchmarks/data/ood_probe_queries.txt``) it sends to the fallback, and its accuracy on the dev queries.
 
-Features come from the frozen backbone (no adapter) once, cached in ``--cache``; every variant is a linear head
-(the paper's form) on them: the last token or the mean over the query's tokens, at one layer or a concatenation
-of layers, with or without pseudo-queries of the other datasets, with several weight decays. Each variant also
-gets a temperature (fitted on the LODO folds' held-out predictions) and a threshold; the report gives, per
-variant, the accuracy per held-out dataset, their mean and minimum, and the share of confident wrong routes.
+Features come from the frozen backbone (no adapter, bf16 autocast as in training on a CPU with fast bf16) for
+a set of layers and both poolings at once, cached by text, template and layer set in ``--cache``: texts a later
+variant needs that are not in the cache are encoded and added. Only the train and dev splits are read.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
-import random
-import re
-from collections import defaultdict
+import sys
+import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-_SENT = re.compile(r"(?<=[.!?])\s+")
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from r2r_core.router import POOLINGS, encode_queries  # noqa: E402
+from r2r_core.training.router_training import (  # noqa: E402
+    PSEUDO_KINDS,
+    RouterConfig,
+    fit_router,
+    labelled_queries,
+    routing_examples,
+)
+
+PROBES = REPO / "benchmarks" / "data" / "ood_probe_queries.txt"
 
 
-def pseudo_query(title: str, text: str, max_words: int) -> str | None:
-    """A passage's title, else its first sentence, cut to ``max_words`` words (None for an empty passage)."""
-    for source in (title, _SENT.split(text.strip(), maxsplit=1)[0] if text.strip() else ""):
-        words = source.replace("|", " ").split()
-        if len(words) >= 3:
-            return " ".join(words[:max_words])
-    return None
+def probe_queries() -> list[str]:
+    return [ln.strip() for ln in PROBES.read_text(encoding="utf-8").splitlines() if ln.strip() and ln[0] != "#"]
 
 
-def collect(data_root: Path, per_dataset: int, pseudo_per_dataset: int, max_words: int, seed: int):
-    """Rows ``(text, domain, dataset, kind)``: real queries (train+dev) and pseudo-queries of every dataset."""
-    from r2r_core.data import available_splits, find_datasets, load_beir
+class FeatureCache:
+    """Backbone features by text, for every (pooling, layer) of a set of layers and one query template; missing texts
+    are encoded on demand and saved. One file holds an entry per (template, layers)."""
 
-    rows = []
-    for folder in find_datasets(data_root):
-        queries, corpus, domain = {}, None, None
-        for split in available_splits(folder):
-            ds = load_beir(folder, split)
-            corpus = ds.corpus
-            for qid, q in ds.queries.items():
-                if qid in ds.qrels:
-                    queries[qid] = q.text
-            domain = ds.domain or ds.name
-        name = folder.name
-        rng = random.Random(f"{seed}|{name}")
-        qids = sorted(queries)
-        for qid in rng.sample(qids, min(per_dataset, len(qids))):
-            rows.append((queries[qid], domain, name, "query"))
-        docs = sorted(corpus)
-        made = 0
-        for did in rng.sample(docs, len(docs)):
-            text = pseudo_query(corpus[did].title or "", corpus[did].text or "", max_words)
-            if text:
-                rows.append((text, domain, name, "pseudo"))
-                made += 1
-                if made >= pseudo_per_dataset:
-                    break
-    return rows
+    def __init__(self, path: Path, base: str, batch_size: int = 32):
+        self.path, self.base, self.batch_size = path, base, batch_size
+        self.entries: dict[str, dict] = {}
+        self._backbone = None
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            if saved.get("base") == base and saved.get("v") == 3:
+                self.entries = saved["entries"]
 
+    @staticmethod
+    def _key(template: str, layers) -> str:
+        return json.dumps({"template": template, "layers": list(layers)})
 
-@torch.inference_mode()
-def features(model, tokenizer, texts, layers, template="<Query>: {query}", batch_size=32):
-    """``{(pool, layer): [N, H]}`` for pool in last/mean, from one full forward per batch."""
-    from r2r_core.scoring import _right_pad
+    def ensure(self, texts, template: str, layers) -> None:
+        key = self._key(template, layers)
+        entry = self.entries.setdefault(key, {"texts": [], "feats": {}})
+        known = set(entry["texts"])
+        missing = sorted({t for t in texts if t not in known}, key=len)
+        if not missing:
+            return
+        from r2r_core.backbone import load_backbone
 
-    out = defaultdict(list)
-    for start in range(0, len(texts), batch_size):
-        chunk = [template.format(query=t) for t in texts[start : start + batch_size]]
-        ids = tokenizer(chunk, add_special_tokens=False, truncation=True, max_length=96)["input_ids"]
-        input_ids, mask = _right_pad(ids, tokenizer.pad_token_id, "cpu")
-        hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True,
-                       logits_to_keep=1).hidden_states
-        last = mask.sum(dim=1) - 1
-        m = mask.unsqueeze(-1).float()
-        for layer in layers:
-            h = hidden[layer].float()
-            out[("last", layer)].append(h[torch.arange(len(ids)), last])
-            out[("mean", layer)].append((h * m).sum(1) / m.sum(1))
-    return {k: torch.cat(v) for k, v in out.items()}
+        if self._backbone is None:
+            self._backbone = load_backbone(self.base, device="cpu", dtype="float32")
+        b = self._backbone
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            new = encode_queries(b.model, b.tokenizer, missing, list(layers), POOLINGS, template,
+                                 batch_size=self.batch_size)
+        print(f"encoded {len(missing)} texts ({template!r}, layers {list(layers)}) in "
+              f"{time.perf_counter() - t0:.0f}s", flush=True)
+        entry["texts"] = entry["texts"] + missing
+        for (pooling, layer), v in new.items():
+            name = f"{pooling}@{layer}"
+            v = v.to(torch.float16)
+            entry["feats"][name] = torch.cat([entry["feats"][name], v]) if name in entry["feats"] else v
+        entry.pop("_index", None)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"base": self.base, "v": 3, "entries": {k: {"texts": e["texts"], "feats": e["feats"]}
+                                                           for k, e in self.entries.items()}}, self.path)
 
-
-def fit_head(x, y, n_classes, weight_decay, epochs=300, lr=1e-2, sample_weight=None, seed=0):
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    xs = (x - mean) / std
-    gen = torch.Generator().manual_seed(seed)
-    w = (torch.randn(n_classes, x.shape[1], generator=gen) * 0.01).requires_grad_(True)
-    b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.AdamW([w, b], lr=lr, weight_decay=weight_decay)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            opt.zero_grad()
-            losses = torch.nn.functional.cross_entropy(xs @ w.T + b, y, reduction="none")
-            loss = (losses * sample_weight).sum() / sample_weight.sum() if sample_weight is not None else losses.mean()
-            loss.backward()
-            opt.step()
-    return lambda z: ((z - mean) / std) @ w.detach().T + b.detach()
+    def get(self, texts, pooling: str, layer, template: str, layers) -> torch.Tensor:
+        """Features of ``texts`` (concatenated over ``layer`` when it is a list), from the (template, layers) entry."""
+        self.ensure(texts, template, layers)
+        entry = self.entries[self._key(template, layers)]
+        if "_index" not in entry:
+            entry["_index"] = {t: i for i, t in enumerate(entry["texts"])}
+        idx = torch.tensor([entry["_index"][t] for t in texts])
+        wanted = [layer] if isinstance(layer, int) else list(layer)
+        return torch.cat([entry["feats"][f"{pooling}@{v}"][idx].float() for v in wanted], dim=1)
 
 
-def balanced_weights(datasets: list[str], labels: list[int]) -> torch.Tensor:
-    """Each domain weighs the same, and within it each dataset the same."""
-    per_domain_sets = defaultdict(set)
-    for d, y in zip(datasets, labels):
-        per_domain_sets[y].add(d)
-    counts = defaultdict(int)
-    for d in datasets:
-        counts[d] += 1
-    return torch.tensor([1.0 / (counts[d] * len(per_domain_sets[y])) for d, y in zip(datasets, labels)])
+def evaluate(cache: FeatureCache, train, dev, config: RouterConfig, probes: list[str], layers) -> dict:
+    rows = routing_examples(train, config)
+    labels = sorted({r.domain for r in rows})
+
+    def feats(texts):
+        return cache.get(texts, config.pooling, config.layer, config.query_template, layers)
+
+    x = feats([r.text for r in rows])
+    router, lodo, unmeasured, folds = fit_router(x, rows, labels, config)
+    router.threshold = lodo["threshold"]
+    out = {k: v for k, v in lodo.items() if k != "threshold_choice"}
+    out["unmeasured"] = unmeasured
+    for name, fold in folds.items():  # a few held-out queries routed to the wrong domain, with the probability
+        probs = torch.softmax(fold.logits / lodo["temperature"], dim=1)
+        wrong = [(rows[i].text, labels[int(p.argmax())], round(float(p.max()), 3))
+                 for i, p, t in zip(fold.index, probs, fold.truth.tolist()) if int(p.argmax()) != t]
+        out["per_dataset"][name]["wrong_examples"] = wrong[:8]
+    dev_rows = labelled_queries(dev, per_dataset=config.max_dev_per_dataset, seed=config.seed)
+    routes = router.route_features(feats([t for t, _, _ in dev_rows]))
+    by_set = Counter(n for _, _, n in dev_rows)
+    out["dev_accuracy"] = {n: sum(r.expert == d for r, (_, d, m) in zip(routes, dev_rows) if m == n) / c
+                           for n, c in sorted(by_set.items())}
+    out["dev_routed_correct"] = {n: sum(r.expert == d and r.reason == "routed"
+                                        for r, (_, d, m) in zip(routes, dev_rows) if m == n) / c
+                                 for n, c in sorted(by_set.items())}
+    routes = router.route_features(feats(probes))
+    out["probes"] = {"n": len(routes), **{k: v / len(routes) for k, v in Counter(r.reason for r in routes).items()},
+                     "routed_to": dict(Counter(r.expert for r in routes if r.reason == "routed"))}
+    return out
 
 
-def lodo(x, rows, domains, variant) -> dict:
-    """Held-out logits of every fold: {dataset: (logits [n, K], true [n])}."""
-    folds = {}
-    names = sorted({r[2] for r in rows})
-    for held in names:
-        domain = next(r[1] for r in rows if r[2] == held)
-        alone = sum(1 for n in names if next(r[1] for r in rows if r[2] == n) == domain) == 1
-        train_idx = []
-        for i, (_, _, name, kind) in enumerate(rows):
-            if name == held:
-                if alone and kind == "pseudo":  # the only set of its domain: its passages stand in for its queries
-                    train_idx.append(i)
-                continue
-            if kind == "query" or variant["pseudo"]:
-                train_idx.append(i)
-        test_idx = [i for i, r in enumerate(rows) if r[2] == held and r[3] == "query"]
-        y = torch.tensor([domains.index(rows[i][1]) for i in train_idx])
-        sw = balanced_weights([rows[i][2] + "|" + rows[i][3] for i in train_idx], y.tolist())
-        head = fit_head(x[train_idx], y, len(domains), variant["wd"], sample_weight=sw)
-        folds[held] = (head(x[test_idx]), torch.tensor([domains.index(rows[i][1]) for i in test_idx]))
-    return folds
+def line(name: str, r: dict) -> str:
+    per = " ".join(f"{n} {v['accuracy']:.3f}" for n, v in r["per_dataset"].items())
+    return (f"{name:44s} mean {r['mean']:.3f} min {r['min']:.3f} | {per} | T={r['temperature']:.2f} "
+            f"thr={r['threshold']:.3f} cw={r['confident_wrong']:.3f} fb={r['fallback_share']:.3f} "
+            f"probes->fb={1 - r['probes'].get('routed', 0):.2f}")
 
 
-def fit_temperature(logits: torch.Tensor, truth: torch.Tensor) -> float:
-    """The temperature minimising the NLL of held-out predictions (1-D search on log T)."""
-    best = (math.inf, 1.0)
-    for log_t in torch.linspace(-3, 4, 141).tolist():
-        t = math.exp(log_t)
-        nll = torch.nn.functional.cross_entropy(logits / t, truth).item()
-        best = min(best, (nll, t))
-    return best[1]
+DEFAULT_TEMPLATE = "<Query>: {query}"
+# Templates that ask the backbone what a query is about, naming no domain: its answer-to-be is what the head reads
+PROMPTS = {
+    "chat-field": ("<|im_start|>system\nYou sort questions by the professional field they come from.<|im_end|>\n"
+                   "<|im_start|>user\nQuestion: {query}\nWhich professional field is this question from?<|im_end|>\n"
+                   "<|im_start|>assistant\nThe field is"),
+    "plain-field": "Question: {query}\nThe professional field of this question is",
+}
+ENTRY_LAYERS = {DEFAULT_TEMPLATE: [(8, 12, 14, 16, 18, 20, 22), (2, 4, 6)]}
+PROMPT_LAYERS = (4, 8, 16, 22, 26, 30)
 
 
-def summarize(folds: dict, threshold_wrong_max: float = 0.05) -> dict:
-    logits = torch.cat([v[0] for v in folds.values()])
-    truth = torch.cat([v[1] for v in folds.values()])
-    temp = fit_temperature(logits, truth)
-    per = {}
-    tops, oks, names = [], [], []
-    for name, (lg, y) in folds.items():
-        p = torch.softmax(lg / temp, dim=1)
-        top, pred = p.max(1)
-        per[name] = round((pred == y).float().mean().item(), 4)
-        tops.append(top)
-        oks.append(pred == y)
-        names += [name] * len(y)
-    top, ok = torch.cat(tops), torch.cat(oks)
-    # threshold: the smallest that keeps confident wrong routes <= 5% of each fold's queries, averaged over folds
-    candidates = sorted(set(round(v, 4) for v in top.tolist()))
-    thr = 0.0
-    for t in [0.0, *candidates]:
-        worst = max(((top[[n == name for n in names]] >= t) & ~ok[[n == name for n in names]]).float().mean().item()
-                    for name in folds)
-        mean_wrong = ((top >= t) & ~ok).float().mean().item()
-        if mean_wrong <= threshold_wrong_max:
-            thr = t
-            break
-    wrong_above = ((top >= thr) & ~ok).float().mean().item()
-    return {"per_dataset": per, "mean": round(sum(per.values()) / len(per), 4), "min": min(per.values()),
-            "temperature": round(temp, 4), "threshold": thr, "wrong_above_threshold": round(wrong_above, 4),
-            "worst_fold_wrong_above": round(worst, 4),
-            "fallback_share": round((top < thr).float().mean().item(), 4)}
+def entry_for(config: RouterConfig) -> tuple[int, ...]:
+    """The cache entry (its layers) that holds ``config``'s features."""
+    wanted = {config.layer} if isinstance(config.layer, int) else set(config.layer)
+    for layers in ENTRY_LAYERS.get(config.query_template, [PROMPT_LAYERS]):
+        if wanted <= set(layers):
+            return layers
+    raise ValueError(f"no cache entry holds layers {sorted(wanted)} for {config.query_template!r}")
+
+
+def search_space(base: RouterConfig, which: str) -> list[tuple[str, RouterConfig]]:
+    """``settings``: one axis at a time around ``base`` (the recipe's), plus the layer x pooling grid;
+    ``templates``: the layers below 8, and templates that ask the backbone for the query's field."""
+    out = []
+
+    def add(name, **changes):
+        out.append((name, dataclasses.replace(base, **changes)))
+
+    if which == "templates":
+        for pooling in POOLINGS:
+            for layer in (2, 4, 6, [4, 6], [2, 4, 6]):
+                add(f"{pooling}@{layer}", pooling=pooling, layer=layer, query_template=DEFAULT_TEMPLATE)
+        for name, template in PROMPTS.items():
+            for pooling in POOLINGS:
+                for layer in (*PROMPT_LAYERS, [22, 30], [8, 30]):
+                    add(f"{name} {pooling}@{layer}", pooling=pooling, layer=layer, query_template=template)
+        return out
+    for pooling in POOLINGS:
+        for layer in (8, 12, 14, 16, 18, 20, 22, [12, 16], [16, 22], [8, 16, 22]):
+            add(f"{pooling}@{layer}", pooling=pooling, layer=layer)
+    add("no pseudo-queries", pseudo_per_dataset=0)
+    for kinds in (["lead"], ["sentence"], ["span"], ["lead", "sentence"], list(PSEUDO_KINDS)):
+        for n in (300, 600):
+            add(f"pseudo {'+'.join(kinds)} x{n}", pseudo_kinds=kinds, pseudo_per_dataset=n)
+    for share in (0.3, 0.7):
+        add(f"pseudo_share {share}", pseudo_share=share)
+    add("balance domain", balance="domain")
+    for wd in (0.01, 0.1, 3.0, 10.0):
+        add(f"weight_decay {wd}", weight_decay=wd)
+    for epochs in (50, 100, 1000):
+        add(f"epochs {epochs}", epochs=epochs)
+    add("600 queries per dataset", max_train_per_dataset=600)
+    return out
 
 
 def main(argv=None) -> dict:
-    from r2r_core.backbone import load_backbone
+    from r2r_core.training.pipeline import load_datasets
+    from r2r_core.training.recipe import load_recipe
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--recipe", default=str(REPO / "recipes" / "default.toml"), help="its [router] is the baseline")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a [router] setting of the baseline (TOML value), e.g. --set pooling=\"last\"")
     ap.add_argument("--base", default="r2r/SmolLM2-135M-Instruct-Q4_1")
-    ap.add_argument("--per-dataset", type=int, default=300, help="real queries per dataset")
-    ap.add_argument("--pseudo-per-dataset", type=int, default=300, help="pseudo-queries per dataset")
-    ap.add_argument("--pseudo-words", type=int, default=24)
-    ap.add_argument("--layers", default="8,12,16,22,30")
-    ap.add_argument("--cache", default=str(REPO / "runs" / "router_lodo_features.pt"))
+    ap.add_argument("--cache", default="/tmp/router_lodo_features.pt")
+    ap.add_argument("--search", choices=["settings", "templates"], help="also the variants of search_space()")
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    layers = [int(v) for v in args.layers.split(",")]
-    rows = collect(Path(args.data), args.per_dataset, args.pseudo_per_dataset, args.pseudo_words, seed=0)
-    cache = Path(args.cache)
-    key = [args.base, args.per_dataset, args.pseudo_per_dataset, args.pseudo_words, layers, len(rows)]
-    feats = None
-    if cache.is_file():
-        saved = torch.load(cache, weights_only=True)
-        if saved.get("key") == json.dumps(key):
-            feats = {tuple(k.split("@")[0:1]) + (int(k.split("@")[1]),): v for k, v in saved["feats"].items()}
-    if feats is None:
-        backbone = load_backbone(args.base, device="cpu", dtype="float32")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            feats = features(backbone.model, backbone.tokenizer, [r[0] for r in rows], layers)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": json.dumps(key), "feats": {f"{p}@{layer}": v for (p, layer), v in feats.items()}}, cache)
-    domains = sorted({r[1] for r in rows})
+    recipe = load_recipe(args.recipe)
+    if args.set:
+        recipe = recipe.with_overrides([f"router.{s}" for s in args.set])
+    base = recipe.router
+    paths = [Path(args.data)]
+    train, dev = load_datasets(paths, "train"), load_datasets(paths, "dev", require=False)
+    cache = FeatureCache(Path(args.cache), args.base)
+    probes = probe_queries()
+    variants = [("recipe", base)] + (search_space(base, args.search) if args.search else [])
+    need = defaultdict(set)  # encode every text any variant needs first (one backbone pass per text and entry)
+    for _, cfg in variants:
+        texts = need[cfg.query_template, entry_for(cfg)]
+        texts |= set(probes) | {r.text for r in routing_examples(train, cfg)}
+        texts |= {t for t, _, _ in labelled_queries(dev, per_dataset=cfg.max_dev_per_dataset, seed=cfg.seed)}
+    for (template, layers), texts in need.items():
+        cache.ensure(texts, template, layers)
     results = {}
-    variants = []
-    for pool in ("last", "mean"):
-        for layer_set in [[layer] for layer in layers] + [[12, 22], [8, 16, 22]]:
-            for pseudo in (False, True):
-                for wd in (1e-2, 1.0):
-                    variants.append({"pool": pool, "layers": layer_set, "pseudo": pseudo, "wd": wd})
-    for v in variants:
-        if any((v["pool"], layer) not in feats for layer in v["layers"]):
-            continue
-        x = torch.cat([feats[(v["pool"], layer)] for layer in v["layers"]], dim=1)
-        name = f"{v['pool']}@{'+'.join(map(str, v['layers']))}{'+pseudo' if v['pseudo'] else ''}-wd{v['wd']:g}"
-        results[name] = {**summarize(lodo(x, rows, domains, v)), "variant": v}
-        r = results[name]
-        print(f"{name:32s} mean {r['mean']:.3f} min {r['min']:.3f} {r['per_dataset']} T={r['temperature']:.2f} "
-              f"thr={r['threshold']:.3f} wrong>thr={r['wrong_above_threshold']:.3f}", flush=True)
-    best = max(results, key=lambda k: (results[k]["mean"], results[k]["min"]))
-    report = {"best": best, "variants": results,
-              "rows": {k: sum(1 for r in rows if r[3] == k) for k in ("query", "pseudo")}}
+    for name, cfg in variants:
+        t0 = time.perf_counter()
+        results[name] = {**evaluate(cache, train, dev, cfg, probes, entry_for(cfg)), "config": dataclasses.asdict(cfg),
+                         "fit_s": round(time.perf_counter() - t0, 1)}
+        print(line(name, results[name]), flush=True)
+    report = {"recipe": str(args.recipe), "overrides": args.set, "variants": results}
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
-    print(json.dumps({"best": best, **{k: results[best][k] for k in ("mean", "min", "per_dataset")}}))
+        Path(args.out).write_text(json.dumps(report, indent=1), encoding="utf-8")
     return report
 
 
