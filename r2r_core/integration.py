@@ -30,12 +30,40 @@ __all__ = [
     "engine_name",
     "engine_options",
     "event_model_name",
+    "load_field",
     "resolve_engine",
 ]
 
 #: The adapter fields that only matter when the adapter loads the engine itself.
 LOAD_FIELDS = ("model", "device", "dtype", "batch_size", "max_length", "template", "instruction",
                "trust_remote_code", "engine_kwargs")
+
+
+#: Default and description of each loading field, one table for both adapters' pydantic fields.
+_LOAD_FIELD_SPECS: dict[str, tuple[Any, str]] = {
+    "model": ("default", '"default" (the bundled reranker), a bundle directory or a causal LM id/path.'),
+    "device": (None, "cuda / mps / cpu; None picks the best one."),
+    "dtype": ("auto", '"auto", "float32", "bfloat16" or "float16".'),
+    "batch_size": (16, "Query-document pairs per forward pass."),
+    "max_length": (None, "Prompt length in tokens (at least 32); None: the bundle's trained length, else 512. "
+                         "Only documents are cut, with a warning."),
+    "template": (None, "A built-in prompt template (qwen3, chatml, bge-gemma); None keeps the bundle's."),
+    "instruction": (None, "Replaces the bundle's instruction (experts with their own keep it)."),
+    "trust_remote_code": (False, "Let transformers run the model repo's code."),
+    "engine_kwargs": (dict, "Further R2RReranker.from_pretrained keyword arguments, e.g. "
+                            "{'use_prefix_cache': False}."),
+}
+
+
+def load_field(name: str):
+    """A fresh pydantic ``Field`` for the loading option ``name`` (one of :data:`LOAD_FIELDS`), with the default
+    and description both adapters declare; a ``dict`` default becomes a ``default_factory``."""
+    from pydantic import Field
+
+    default, description = _LOAD_FIELD_SPECS[name]
+    if default is dict:
+        return Field(default_factory=dict, description=description)
+    return Field(default=default, description=description)
 
 
 def check_top_n(value: int | None) -> int | None:

@@ -28,6 +28,7 @@ from r2r_core.integration import (
     engine_name,
     engine_options,
     event_model_name,
+    load_field,
     resolve_engine,
 )
 
@@ -70,29 +71,15 @@ class R2RRerank(BaseNodePostprocessor):
         description="Keep only nodes whose score (a calibrated probability of relevance) is at least this; "
         "applied after top_n. None keeps them all.",
     )
-    model: str = Field(
-        default="default",
-        description='"default" (the bundled reranker), a bundle directory or a causal LM id/path.',
-    )
-    device: str | None = Field(default=None, description="cuda / mps / cpu; None picks the best one.")
-    dtype: str = Field(default="auto", description='"auto", "float32", "bfloat16" or "float16".')
-    batch_size: int = Field(default=16, description="Query-document pairs per forward pass.")
-    max_length: int | None = Field(
-        default=None,
-        description="Prompt length in tokens (at least 32); None: the bundle's trained length, else 512. Only "
-        "documents are cut, with a warning.",
-    )
-    template: str | None = Field(
-        default=None, description="A built-in prompt template (qwen3, chatml, bge-gemma); None keeps the bundle's."
-    )
-    instruction: str | None = Field(
-        default=None, description="Replaces the bundle's instruction (experts with their own keep it)."
-    )
-    trust_remote_code: bool = Field(default=False, description="Let transformers run the model repo's code.")
-    engine_kwargs: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Further R2RReranker.from_pretrained keyword arguments, e.g. {'use_prefix_cache': False}.",
-    )
+    model: str = load_field("model")
+    device: str | None = load_field("device")
+    dtype: str = load_field("dtype")
+    batch_size: int = load_field("batch_size")
+    max_length: int | None = load_field("max_length")
+    template: str | None = load_field("template")
+    instruction: str | None = load_field("instruction")
+    trust_remote_code: bool = load_field("trust_remote_code")
+    engine_kwargs: dict[str, Any] = load_field("engine_kwargs")
     keep_retrieval_score: bool = Field(
         default=False, description='Keep the retriever\'s score in metadata["retrieval_score"].'
     )
