@@ -13,7 +13,7 @@ from r2r_core.training.recipe import Recipe, load_recipe
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.mark.parametrize("name", ["default.toml", "smoke.toml"])
+@pytest.mark.parametrize("name", ["default.toml", "smoke.toml", "gpu.toml", "full.toml"])
 def test_shipped_recipes_parse(name):
     recipe = load_recipe(RECIPES / name)
     assert recipe.data.paths and recipe.curation.num_negatives >= 1
@@ -30,6 +30,16 @@ def test_default_recipe_is_the_cheap_recipe():
     assert recipe.output.general_expert and recipe.output.warm_start
     assert sorted(lora.target_modules) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert recipe.train.tau == 1.0 and recipe.output.time_budget_s is not None
+
+
+def test_gpu_recipe_is_the_default_recipe_at_gpu_scale():
+    """Same adapters, prompts, groups, losses and router as the CPU default, so its bundle has the same shape."""
+    cpu, gpu = load_recipe(RECIPES / "default.toml"), load_recipe(RECIPES / "gpu.toml")
+    assert gpu.model.device == "cuda" and gpu.output.time_budget_s < 600
+    assert gpu.train.lora == cpu.train.lora and gpu.train.max_length == cpu.train.max_length
+    assert (gpu.curation.num_negatives, gpu.curation.num_random_negatives) == (7, 1)
+    assert gpu.train.bce_weight == cpu.train.bce_weight and gpu.router == cpu.router
+    assert gpu.output.general_expert and gpu.stage_config("stage1").steps > cpu.stage_config("stage1").steps
 
 
 def test_stage_overrides_merge_with_train(tmp_path):
