@@ -121,19 +121,24 @@ def compare(reference: list[list[tuple[int, float]]], got: list[list[tuple[int, 
 # --------------------------------------------------------------------------- arerank
 
 
+async def sequential(one, work) -> tuple[list, list, float]:
+    """One warm-up call (not timed), then ``work`` one request at a time: (latencies, results, wall seconds)."""
+    await one(*work[0], time.perf_counter())
+    latencies, results = [], []
+    t0 = time.perf_counter()
+    for query, docs in work:
+        lat, res = await one(query, docs, time.perf_counter())
+        latencies.append(lat)
+        results.append(res)
+    return latencies, results, time.perf_counter() - t0
+
+
 async def arerank_runs(engine, work) -> tuple[dict, dict, list, list]:
     async def one(query, docs, t0):
         results = await engine.arerank(query, docs)
         return time.perf_counter() - t0, [(r.index, r.score) for r in results]
 
-    await one(*work[0], time.perf_counter())  # warm-up, not timed
-    seq_lat, seq_res = [], []
-    t0 = time.perf_counter()
-    for query, docs in work:
-        lat, res = await one(query, docs, time.perf_counter())
-        seq_lat.append(lat)
-        seq_res.append(res)
-    seq_wall = time.perf_counter() - t0
+    seq_lat, seq_res, seq_wall = await sequential(one, work)
     t0 = time.perf_counter()
     out = await asyncio.gather(*(one(q, d, t0) for q, d in work))
     con_wall = time.perf_counter() - t0
@@ -160,14 +165,7 @@ async def server_runs(url: str, work) -> tuple[dict, dict, list, list, dict]:
             r.raise_for_status()
             return time.perf_counter() - t0, [(x["index"], x["relevance_score"]) for x in r.json()["results"]]
 
-        await one(*work[0], time.perf_counter())
-        seq_lat, seq_res = [], []
-        t0 = time.perf_counter()
-        for query, docs in work:
-            lat, res = await one(query, docs, time.perf_counter())
-            seq_lat.append(lat)
-            seq_res.append(res)
-        seq_wall = time.perf_counter() - t0
+        seq_lat, seq_res, seq_wall = await sequential(one, work)
         before = (await client.get("/info")).json()["stats"]
         t0 = time.perf_counter()
         out = await asyncio.gather(*(one(q, d, t0) for q, d in work))
