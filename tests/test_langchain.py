@@ -67,7 +67,7 @@ def test_concurrent_async_queries_of_different_domains(tiny_reranker):
     # the tiny router sends these queries to different experts, so the batch mixes experts
     assert len({tiny_reranker.route(q).expert for q in QUERIES}) >= 2
     rerank = R2RRerank(reranker=tiny_reranker, top_n=3)
-    queries = list(QUERIES) * 3
+    queries = (list(QUERIES) * 11)[:32]  # the issue-17 load test: 32 concurrent requests of mixed domains
     expected = {q: rerank.compress_documents(make_documents(), q) for q in QUERIES}
 
     async def main():
