@@ -7,7 +7,8 @@ fixed ``expert``. ``max_length=None`` (their default) is the length the bundle's
 512 (:func:`r2r_core.reranker.resolve_max_length`). Without ``reranker=``, engines come from
 :func:`r2r_core.engines.shared_engine`, so adapters with equal loading options share one. With it, the adapter's
 loading fields are set from the engine (:func:`engine_options`), so serialising the adapter says what it really
-runs.
+runs. Those fields, their checks and the engine lookup live once, in :class:`EngineOptions`, the pydantic base
+both adapters' ``R2RRerank`` put before their framework's class.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import inspect
 from collections.abc import Iterable
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
 from r2r_core.engines import shared_engine
 from r2r_core.reranker import R2RReranker
 from r2r_core.scoring import BASE_ADAPTER, check_max_length
 
 __all__ = [
     "LOAD_FIELDS",
+    "EngineOptions",
     "check_engine_kwargs",
     "check_max_length",
     "check_positive",
@@ -30,40 +34,12 @@ __all__ = [
     "engine_name",
     "engine_options",
     "event_model_name",
-    "load_field",
     "resolve_engine",
 ]
 
 #: The adapter fields that only matter when the adapter loads the engine itself.
 LOAD_FIELDS = ("model", "device", "dtype", "batch_size", "max_length", "template", "instruction",
                "trust_remote_code", "engine_kwargs")
-
-
-#: Default and description of each loading field, one table for both adapters' pydantic fields.
-_LOAD_FIELD_SPECS: dict[str, tuple[Any, str]] = {
-    "model": ("default", '"default" (the bundled reranker), a bundle directory or a causal LM id/path.'),
-    "device": (None, "cuda / mps / cpu; None picks the best one."),
-    "dtype": ("auto", '"auto", "float32", "bfloat16" or "float16".'),
-    "batch_size": (16, "Query-document pairs per forward pass."),
-    "max_length": (None, "Prompt length in tokens (at least 32); None: the bundle's trained length, else 512. "
-                         "Only documents are cut, with a warning."),
-    "template": (None, "A built-in prompt template (qwen3, chatml, bge-gemma); None keeps the bundle's."),
-    "instruction": (None, "Replaces the bundle's instruction (experts with their own keep it)."),
-    "trust_remote_code": (False, "Let transformers run the model repo's code."),
-    "engine_kwargs": (dict, "Further R2RReranker.from_pretrained keyword arguments, e.g. "
-                            "{'use_prefix_cache': False}."),
-}
-
-
-def load_field(name: str):
-    """A fresh pydantic ``Field`` for the loading option ``name`` (one of :data:`LOAD_FIELDS`), with the default
-    and description both adapters declare; a ``dict`` default becomes a ``default_factory``."""
-    from pydantic import Field
-
-    default, description = _LOAD_FIELD_SPECS[name]
-    if default is dict:
-        return Field(default_factory=dict, description=description)
-    return Field(default=default, description=description)
 
 
 def check_top_n(value: int | None) -> int | None:
@@ -176,3 +152,80 @@ def engine_name(engine: R2RReranker) -> str:
 def event_model_name(engine: R2RReranker, expert: str) -> str:
     """The ``model_name`` the adapters report in events: ``"<bundle>:<expert>"``, e.g. ``"default:medical"``."""
     return f"{engine_name(engine)}:{expert}"
+
+
+
+class EngineOptions(BaseModel):
+    """The loading options, the fixed ``expert`` and the shared ``reranker`` of both framework adapters, with
+    their checks, and the engine they select (:attr:`engine`), resolved once after validation.
+
+    An adapter subclasses it before its framework's base class, e.g.
+    ``class R2RRerank(EngineOptions, BaseNodePostprocessor)``. With ``reranker=`` given, the loading fields
+    report that engine's options instead of their defaults."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model: str = Field(
+        default="default",
+        description='"default" (the bundled reranker), a bundle directory or a causal LM id/path.',
+    )
+    device: str | None = Field(default=None, description="cuda / mps / cpu; None picks the best one.")
+    dtype: str = Field(default="auto", description='"auto", "float32", "bfloat16" or "float16".')
+    batch_size: int = Field(default=16, description="Query-document pairs per forward pass.")
+    max_length: int | None = Field(
+        default=None,
+        description="Prompt length in tokens (at least 32); None: the bundle's trained length, else 512. Only "
+        "documents are cut, with a warning.",
+    )
+    template: str | None = Field(
+        default=None,
+        description="A built-in prompt template (qwen3, chatml, bge-gemma); None keeps the bundle's.",
+    )
+    instruction: str | None = Field(
+        default=None, description="Replaces the bundle's instruction (experts with their own keep it)."
+    )
+    trust_remote_code: bool = Field(default=False, description="Let transformers run the model repo's code.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further R2RReranker.from_pretrained keyword arguments, e.g. {'use_prefix_cache': False}.",
+    )
+    expert: str | None = Field(
+        default=None, description='Always use this expert ("__base__" = no adapter); None routes per query.'
+    )
+    reranker: R2RReranker | None = Field(
+        default=None, exclude=True, description="An already loaded R2RReranker to share."
+    )
+
+    _engine: R2RReranker = PrivateAttr()
+
+    @field_validator("batch_size")
+    @classmethod
+    def _check_positive(cls, value: int, info: Any) -> int:
+        return check_positive(info.field_name, value)
+
+    @field_validator("max_length")
+    @classmethod
+    def _check_max_length(cls, value: int | None) -> int | None:
+        return None if value is None else check_max_length(value)  # the core's rule and message
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _check_engine_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_engine_kwargs(value)
+
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        self._engine = resolve_engine(
+            self.reranker, self.model_fields_set, model=self.model, device=self.device, dtype=self.dtype,
+            batch_size=self.batch_size, max_length=self.max_length, template=self.template,
+            instruction=self.instruction, trust_remote_code=self.trust_remote_code,
+            engine_kwargs=self.engine_kwargs, expert=self.expert,
+        )
+        if self.reranker is not None:  # report what the given engine was loaded with, not the field defaults
+            for name, value in engine_options(self._engine).items():
+                setattr(self, name, value)
+
+    @property
+    def engine(self) -> R2RReranker:
+        """The loaded :class:`r2r_core.R2RReranker` (pass it as ``reranker=`` to share it)."""
+        return self._engine

@@ -16,19 +16,14 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManager, CallbackManager, Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from r2r_core import R2RReranker, RerankResult, Route
+from r2r_core import RerankResult, Route
 from r2r_core.integration import (
-    check_engine_kwargs,
-    check_max_length,
-    check_positive,
+    EngineOptions,
     check_score_threshold,
     check_top_n,
     engine_name,
-    engine_options,
-    load_field,
-    resolve_engine,
 )
 
 logger = logging.getLogger(__name__)
@@ -44,7 +39,7 @@ RETRIEVAL_RANK_KEY = "retrieval_rank"
 RETRIEVAL_SCORE_SOURCES = ("relevance_score", "score")
 
 
-class R2RRerank(BaseDocumentCompressor):
+class R2RRerank(EngineOptions, BaseDocumentCompressor):
     """Rerank documents with a domain-routed R2R reranker.
 
     The query is routed to a domain expert (a LoRA adapter on the shared backbone) unless
@@ -81,15 +76,6 @@ class R2RRerank(BaseDocumentCompressor):
         description="Keep only documents whose score (a calibrated probability of relevance) is at least this; "
         "applied after top_n. None keeps them all.",
     )
-    model: str = load_field("model")
-    device: str | None = load_field("device")
-    dtype: str = load_field("dtype")
-    batch_size: int = load_field("batch_size")
-    max_length: int | None = load_field("max_length")
-    template: str | None = load_field("template")
-    instruction: str | None = load_field("instruction")
-    trust_remote_code: bool = load_field("trust_remote_code")
-    engine_kwargs: dict[str, Any] = load_field("engine_kwargs")
     keep_retrieval_score: bool = Field(
         default=False,
         description='Keep what the retriever said: metadata["retrieval_rank"] is the document\'s 0-based position '
@@ -101,14 +87,6 @@ class R2RRerank(BaseDocumentCompressor):
         description='Metadata fields put before page_content as "key: value" lines in the scored text '
         "(the LangChain counterpart of LlamaIndex's metadata mode); empty scores page_content alone.",
     )
-    expert: str | None = Field(
-        default=None, description='Always use this expert ("__base__" = no adapter); None routes per query.'
-    )
-    reranker: R2RReranker | None = Field(
-        default=None, exclude=True, description="An already loaded R2RReranker to share."
-    )
-
-    _engine: R2RReranker = PrivateAttr()
 
     @field_validator("top_n")
     @classmethod
@@ -119,46 +97,6 @@ class R2RRerank(BaseDocumentCompressor):
     @classmethod
     def _check_threshold(cls, value: float | None) -> float | None:
         return check_score_threshold(value)
-
-    @field_validator("batch_size")
-    @classmethod
-    def _check_positive(cls, value: int, info: Any) -> int:
-        return check_positive(info.field_name, value)
-
-    @field_validator("max_length")
-    @classmethod
-    def _check_max_length(cls, value: int | None) -> int | None:
-        return None if value is None else check_max_length(value)  # the core's rule and message
-
-    @field_validator("engine_kwargs")
-    @classmethod
-    def _check_engine_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_engine_kwargs(value)
-
-    def model_post_init(self, context: Any, /) -> None:
-        super().model_post_init(context)
-        self._engine = resolve_engine(
-            self.reranker,
-            self.model_fields_set,
-            model=self.model,
-            device=self.device,
-            dtype=self.dtype,
-            batch_size=self.batch_size,
-            max_length=self.max_length,
-            template=self.template,
-            instruction=self.instruction,
-            trust_remote_code=self.trust_remote_code,
-            engine_kwargs=self.engine_kwargs,
-            expert=self.expert,
-        )
-        if self.reranker is not None:  # report what the given engine was loaded with, not the field defaults
-            for name, value in engine_options(self._engine).items():
-                setattr(self, name, value)
-
-    @property
-    def engine(self) -> R2RReranker:
-        """The loaded :class:`r2r_core.R2RReranker` (pass it as ``reranker=`` to share it)."""
-        return self._engine
 
     def as_cross_encoder(self):
         """An :class:`r2r_langchain.R2RCrossEncoder` on this compressor's engine and expert, for

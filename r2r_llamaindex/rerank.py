@@ -11,25 +11,20 @@ import asyncio
 import logging
 from typing import Any
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
+from llama_index.core.bridge.pydantic import Field, field_validator
 from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
-from r2r_core import R2RReranker, RerankResult, Route
+from r2r_core import RerankResult, Route
 from r2r_core.integration import (
-    check_engine_kwargs,
-    check_max_length,
-    check_positive,
+    EngineOptions,
     check_score_threshold,
     check_top_n,
     engine_name,
-    engine_options,
     event_model_name,
-    load_field,
-    resolve_engine,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,7 +36,7 @@ ROUTER_PROBABILITIES_KEY = "r2r_router_probabilities"
 RETRIEVAL_SCORE_KEY = "retrieval_score"
 
 
-class R2RRerank(BaseNodePostprocessor):
+class R2RRerank(EngineOptions, BaseNodePostprocessor):
     """Rerank nodes with a domain-routed R2R reranker.
 
     The query is routed to a domain expert (a LoRA adapter on the shared backbone) unless
@@ -71,29 +66,12 @@ class R2RRerank(BaseNodePostprocessor):
         description="Keep only nodes whose score (a calibrated probability of relevance) is at least this; "
         "applied after top_n. None keeps them all.",
     )
-    model: str = load_field("model")
-    device: str | None = load_field("device")
-    dtype: str = load_field("dtype")
-    batch_size: int = load_field("batch_size")
-    max_length: int | None = load_field("max_length")
-    template: str | None = load_field("template")
-    instruction: str | None = load_field("instruction")
-    trust_remote_code: bool = load_field("trust_remote_code")
-    engine_kwargs: dict[str, Any] = load_field("engine_kwargs")
     keep_retrieval_score: bool = Field(
         default=False, description='Keep the retriever\'s score in metadata["retrieval_score"].'
     )
     metadata_mode: MetadataMode = Field(
         default=MetadataMode.EMBED, description="Which node metadata goes into the text that is scored."
     )
-    expert: str | None = Field(
-        default=None, description='Always use this expert ("__base__" = no adapter); None routes per query.'
-    )
-    reranker: R2RReranker | None = Field(
-        default=None, exclude=True, description="An already loaded R2RReranker to share."
-    )
-
-    _engine: R2RReranker = PrivateAttr()
 
     @field_validator("top_n")
     @classmethod
@@ -105,49 +83,9 @@ class R2RRerank(BaseNodePostprocessor):
     def _check_threshold(cls, value: float | None) -> float | None:
         return check_score_threshold(value)
 
-    @field_validator("batch_size")
-    @classmethod
-    def _check_positive(cls, value: int, info: Any) -> int:
-        return check_positive(info.field_name, value)
-
-    @field_validator("max_length")
-    @classmethod
-    def _check_max_length(cls, value: int | None) -> int | None:
-        return None if value is None else check_max_length(value)  # the core's rule and message
-
-    @field_validator("engine_kwargs")
-    @classmethod
-    def _check_engine_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_engine_kwargs(value)
-
-    def model_post_init(self, context: Any, /) -> None:
-        super().model_post_init(context)
-        self._engine = resolve_engine(
-            self.reranker,
-            self.model_fields_set,
-            model=self.model,
-            device=self.device,
-            dtype=self.dtype,
-            batch_size=self.batch_size,
-            max_length=self.max_length,
-            template=self.template,
-            instruction=self.instruction,
-            trust_remote_code=self.trust_remote_code,
-            engine_kwargs=self.engine_kwargs,
-            expert=self.expert,
-        )
-        if self.reranker is not None:  # report what the given engine was loaded with, not the field defaults
-            for name, value in engine_options(self._engine).items():
-                setattr(self, name, value)
-
     @classmethod
     def class_name(cls) -> str:
         return "R2RRerank"
-
-    @property
-    def engine(self) -> R2RReranker:
-        """The loaded :class:`r2r_core.R2RReranker` (pass it as ``reranker=`` to share it)."""
-        return self._engine
 
     # -- the two entry points -------------------------------------------------------------------
 
