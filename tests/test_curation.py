@@ -153,3 +153,31 @@ def test_groups_round_trip_and_validation(tmp_path, toy):
     with pytest.raises(ValueError, match="positive and >= 1 negative"):
         TrainGroup("g", "d", "x", "q", "text", ("a",), ("only",))
     assert Doc("x", "T", "body").full_text == "T\nbody"
+
+
+def test_foreign_negatives_come_from_other_domains_only(toy):
+    config = CurationConfig(num_negatives=7, num_random_negatives=1, num_foreign_negatives=2)
+    groups, report = curate(list(toy.values()), config)
+    assert len(groups) == 30
+    texts = {name: {d.full_text for d in ds.corpus.values()} for name, ds in toy.items()}
+    for g in groups:
+        assert g.size == 8 and g.negative_kinds.count("foreign") == 2
+        assert g.negative_kinds.count("hard") == 7 - 1 - 2
+        for doc_id, doc, kind in zip(g.doc_ids[1:], g.docs[1:], g.negative_kinds):
+            if kind != "foreign":
+                assert doc in texts[g.dataset]
+                continue
+            source, _, raw_id = doc_id.partition("/")
+            assert toy[source].domain != g.domain  # never the group's own domain
+            assert doc == toy[source].corpus[raw_id].full_text
+    assert all(r["foreign"] == 2 * r["groups"] for r in report.values())
+    # seeded like the rest of curation
+    assert [g.doc_ids for g in curate(list(toy.values()), config)[0]] == [g.doc_ids for g in groups]
+
+
+def test_foreign_negatives_need_another_domain_and_fit_the_group(toy):
+    with pytest.raises(ValueError, match="num_foreign_negatives"):
+        CurationConfig(num_negatives=3, num_random_negatives=2, num_foreign_negatives=2)
+    one = next(iter(toy.values()))
+    with pytest.raises(ValueError, match="at least two domains"):
+        curate([one], CurationConfig(num_negatives=3, num_foreign_negatives=1))

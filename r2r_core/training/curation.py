@@ -8,7 +8,9 @@ For each training query:
 2. **Positives** come from an annotator callable ``(dataset, query, candidate_ids) -> set[doc_id]``.
    The paper labels with an LLM; the default :class:`QrelsAnnotator` reads the qrels (grade >= 1).
 3. **Hard negatives** are the top-ranked candidates that are not positives; **random negatives** are
-   drawn from the rest of the corpus. Negatives that are near-duplicates of any positive of the query
+   drawn from the rest of the corpus; **foreign negatives** (``num_foreign_negatives``, off by default) are
+   passages of the *other domains'* corpora, so that an expert learns that an off-domain passage is not an
+   answer (a contract clause is not relevant to a drug question). Negatives that are near-duplicates of any positive of the query
    (word-shingle Jaccard >= threshold) are dropped: they are likely false negatives.
 4. A **group** is 1 positive followed by ``num_negatives`` negatives (default 7). A positive is never
    among the negatives: every qrels positive and every annotator positive is excluded.
@@ -65,7 +67,7 @@ class TrainGroup:
     query: str
     doc_ids: tuple[str, ...]
     docs: tuple[str, ...]
-    negative_kinds: tuple[str, ...] = ()  # "hard" / "random", one per negative
+    negative_kinds: tuple[str, ...] = ()  # "hard" / "random" / "foreign", one per negative
 
     def __post_init__(self) -> None:
         if len(self.docs) != len(self.doc_ids) or len(self.docs) < 2:
@@ -97,6 +99,7 @@ class CurationConfig:
     depth: int = 30
     num_negatives: int = 7
     num_random_negatives: int = 1
+    num_foreign_negatives: int = 0
     groups_per_query: int = 1
     min_grade: int = 1
     near_duplicate_threshold: float | None = 0.6
@@ -120,6 +123,13 @@ class CurationConfig:
             raise ValueError(
                 f"`num_random_negatives` must be an int in [0, num_negatives={self.num_negatives}], "
                 f"got {self.num_random_negatives!r}"
+            )
+        if not isinstance(self.num_foreign_negatives, int) or not (
+            0 <= self.num_foreign_negatives <= self.num_negatives - self.num_random_negatives
+        ):
+            raise ValueError(
+                "`num_foreign_negatives` must be an int in [0, num_negatives - num_random_negatives = "
+                f"{self.num_negatives - self.num_random_negatives}], got {self.num_foreign_negatives!r}"
             )
         if self.near_duplicate_threshold is not None and not 0.0 < self.near_duplicate_threshold <= 1.0:
             raise ValueError(
@@ -302,6 +312,7 @@ class _Stats:
     near_duplicates_dropped: int = 0
     hard: int = 0
     random: int = 0
+    foreign: int = 0
 
 
 def curate_dataset(
@@ -312,8 +323,19 @@ def curate_dataset(
     retriever=None,
     max_groups: int | None = None,
     rng: random.Random | None = None,
+    foreign: Sequence[tuple[str, str]] = (),
 ) -> tuple[list[TrainGroup], dict]:
-    """Build groups for one dataset split; queries are visited in a seeded random order."""
+    """Build groups for one dataset split; queries are visited in a seeded random order.
+
+    ``foreign`` holds ``(doc_id, text)`` passages of other domains, the pool of the
+    ``config.num_foreign_negatives`` foreign negatives per group (:func:`curate` fills it); a config that
+    asks for foreign negatives with an empty pool raises ``ValueError``.
+    """
+    if config.num_foreign_negatives and not foreign:
+        raise ValueError(
+            f"`num_foreign_negatives={config.num_foreign_negatives}` needs passages of other domains, but "
+            f"{dataset.name!r} got none: curate datasets of at least two domains together, or set it to 0"
+        )
     annotator = annotator or QrelsAnnotator(config.min_grade)
     retriever = retriever or make_retriever(config)
     rng = rng or random.Random(f"{config.seed}|{dataset.name}")
@@ -362,7 +384,7 @@ def curate_dataset(
             return False
 
         hard_pool = [d for d in candidates if d not in excluded and not near_dup(d)]
-        n_hard_target = config.num_negatives - config.num_random_negatives
+        n_hard_target = config.num_negatives - config.num_random_negatives - config.num_foreign_negatives
         candidate_set = set(candidates)
         for k, pos_id in enumerate(ranked_pos[: config.groups_per_query]):
             if max_groups is not None and len(groups) >= max_groups:
@@ -372,7 +394,8 @@ def curate_dataset(
             window = (hard_pool[start:] + hard_pool[:start])[:n_hard_target]
             chosen = list(window)
             kinds = ["hard"] * len(chosen)
-            need = config.num_negatives - len(chosen)
+            foreign_docs = [foreign[rng.randrange(len(foreign))] for _ in range(config.num_foreign_negatives)]
+            need = config.num_negatives - len(chosen) - len(foreign_docs)
             taken = set(chosen)
             tries = 0
             while need > 0 and tries < 50 * config.num_negatives:
@@ -390,7 +413,10 @@ def curate_dataset(
             assert not (set(chosen) & excluded), "a positive slipped among the negatives"
             stats.hard += kinds.count("hard")
             stats.random += kinds.count("random")
-            ids = (pos_id, *chosen)
+            stats.foreign += len(foreign_docs)
+            kinds.extend(["foreign"] * len(foreign_docs))
+            ids = (pos_id, *chosen, *(doc_id for doc_id, _ in foreign_docs))
+            texts = (*(text(d) for d in (pos_id, *chosen)), *(t for _, t in foreign_docs))
             groups.append(
                 TrainGroup(
                     group_id=f"{dataset.name}:{qid}:{k}",
@@ -399,7 +425,7 @@ def curate_dataset(
                     query_id=qid,
                     query=query.text,
                     doc_ids=ids,
-                    docs=tuple(text(d) for d in ids),
+                    docs=texts,
                     negative_kinds=tuple(kinds),
                 )
             )
@@ -448,12 +474,33 @@ def curate(
     report: dict[str, dict] = {}
     for d in datasets:
         quota = quotas[d.name]
-        got, rep = curate_dataset(d, config, annotator=annotator, retriever=retriever, max_groups=quota)
+        pool = _foreign_pool(d, datasets, config) if config.num_foreign_negatives else ()
+        got, rep = curate_dataset(d, config, annotator=annotator, retriever=retriever, max_groups=quota,
+                                  foreign=pool)
         rep["quota"] = quota
         groups.extend(got)
         report[d.name] = rep
     logger.info("curated %d groups from %d datasets", len(groups), len(datasets))
     return groups, report
+
+
+_FOREIGN_PER_DATASET = 2000
+
+
+def _foreign_pool(dataset: BeirDataset, datasets: Sequence[BeirDataset],
+                  config: CurationConfig) -> list[tuple[str, str]]:
+    """Up to 2,000 seeded passages from each dataset of another domain, as ``("name/doc_id", text)``."""
+    own = dataset.domain or dataset.name
+    pool: list[tuple[str, str]] = []
+    for other in datasets:
+        if (other.domain or other.name) == own:
+            continue
+        ids = sorted(other.corpus)
+        random.Random(f"{config.seed}|foreign|{other.name}").shuffle(ids)
+        for doc_id in ids[:_FOREIGN_PER_DATASET]:
+            full = other.corpus[doc_id].full_text
+            pool.append((f"{other.name}/{doc_id}", full[: config.max_doc_chars] if config.max_doc_chars else full))
+    return pool
 
 
 def save_groups(groups: Sequence[TrainGroup], path: Path) -> None:

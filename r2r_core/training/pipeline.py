@@ -134,25 +134,41 @@ def _recipe_data(recipe) -> tuple[list[Path], list, list]:
 
 
 def _warm_start_adapter(recipe) -> Path | None:
-    """The shipped default bundle's generalist, if it was trained on the recipe's base with its LoRA settings."""
+    """Stage 1's starting adapter: ``output.init_adapter`` if set, else the shipped default bundle's generalist.
+
+    The shipped generalist is used only when it was trained on the recipe's base with its LoRA settings (else
+    None); an ``init_adapter`` that does not match them raises ``ValueError`` naming what differs.
+    """
     from r2r_core.bundle import is_bundle, read_bundle
     from r2r_core.reranker import DEFAULT_BUNDLE_DIR
 
-    if not is_bundle(DEFAULT_BUNDLE_DIR):
-        return None
-    config = read_bundle(DEFAULT_BUNDLE_DIR)
-    if config.base_model != recipe.model.base or GENERAL_EXPERT not in config.experts:
-        return None
-    folder = DEFAULT_BUNDLE_DIR / config.experts[GENERAL_EXPERT]
+    explicit = recipe.output.init_adapter
+    if explicit is not None:
+        folder = Path(explicit).expanduser()
+        if not (folder / "adapter_config.json").is_file():
+            raise ValueError(f"`output.init_adapter` {explicit!r} is not a PEFT adapter folder (no adapter_config.json)")
+    else:
+        if not is_bundle(DEFAULT_BUNDLE_DIR):
+            return None
+        config = read_bundle(DEFAULT_BUNDLE_DIR)
+        if config.base_model != recipe.model.base or GENERAL_EXPERT not in config.experts:
+            return None
+        folder = DEFAULT_BUNDLE_DIR / config.experts[GENERAL_EXPERT]
     saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     lora = recipe.train.lora
-    if (saved.get("r"), saved.get("lora_alpha"), sorted(saved.get("target_modules") or [])) != (
-            lora.r, lora.alpha, sorted(lora.target_modules)):
-        logger.info("no warm start: the shipped generalist has other LoRA settings than the recipe")
-        return None
     layers = saved.get("layers_to_transform")
-    if (None if layers is None else len(layers)) != lora.top_layers:
-        logger.info("no warm start: the shipped generalist adapts other layers than the recipe")
+    differs = [key for key, ok in (
+        ("r", saved.get("r") == lora.r),
+        ("alpha", saved.get("lora_alpha") == lora.alpha),
+        ("target_modules", sorted(saved.get("target_modules") or []) == sorted(lora.target_modules)),
+        ("top_layers", (None if layers is None else len(layers)) == lora.top_layers),
+    ) if not ok]
+    if differs:
+        if explicit is not None:
+            raise ValueError(f"`output.init_adapter` {explicit!r} has other LoRA settings than the recipe: "
+                             f"{', '.join(differs)} differ")
+        logger.info("no warm start: the shipped generalist has other LoRA settings than the recipe (%s)",
+                    ", ".join(differs))
         return None
     return folder
 
@@ -297,7 +313,7 @@ def _run_recipe(recipe, *, out_dir, resume, max_steps, progress) -> dict:
 
     # ------------------------------------------------------------------ training runs
     results = {}
-    warm = _warm_start_adapter(recipe) if recipe.output.warm_start else None
+    warm = _warm_start_adapter(recipe) if recipe.output.warm_start or recipe.output.init_adapter else None
     for name, stage, run_groups, run_dev, init in plan:
         c = cfg(stage)
         c.max_time_s = budget.for_run(c.steps)

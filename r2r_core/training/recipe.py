@@ -98,6 +98,7 @@ class OutputSection:
     stage1: bool = True
     general_expert: bool = True  # ship Stage 1's adapter as the `general` expert, the router's fallback
     warm_start: bool = False  # Stage 1 (and single-lora) start from the shipped `general` expert when compatible
+    init_adapter: str | None = None  # a PEFT adapter folder to start Stage 1 from instead (same LoRA settings)
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.ablations) - set(ABLATIONS))
@@ -105,6 +106,8 @@ class OutputSection:
             raise ValueError(f"`output.ablations` may hold {list(ABLATIONS)}, got unknown {bad}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"`output.time_budget_s` must be > 0 or unset, got {self.time_budget_s!r}")
+        if self.init_adapter is not None and not (isinstance(self.init_adapter, str) and self.init_adapter):
+            raise ValueError(f"`output.init_adapter` must be an adapter folder path or unset, got {self.init_adapter!r}")
 
 
 _SECTIONS = {
