@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from r2r_core.calibration import check_calibration
 from r2r_core.experts import EXPERT_META_FILE, validate_expert_name
 from r2r_core.fsutil import current_umask, replace_dir
 from r2r_core.router import ROUTER_CONFIG, ROUTER_WEIGHTS, LatentRouter
@@ -49,6 +50,8 @@ class BundleConfig:
     ``max_length`` is the prompt length, in tokens, the experts were trained at: the reranker's default
     ``max_length``, since experts score best at the length they saw. None (bundles written before it was
     recorded) leaves the reranker's general default; it is not written to ``r2r.json`` then.
+    ``calibration`` maps experts to the ``[scale, bias]`` of their score ``sigmoid(scale * margin + bias)``
+    (:mod:`r2r_core.calibration`); an expert without one scores ``sigmoid(margin)``. Empty is not written.
     """
 
     base_model: str
@@ -61,6 +64,7 @@ class BundleConfig:
     threshold: float | None = None
     fallback: str = BASE_ADAPTER  # the expert for queries the router is not confident about
     max_length: int | None = None  # prompt length, in tokens, the experts were trained at; the reranker's default
+    calibration: dict[str, list[float]] = field(default_factory=dict)  # expert -> [scale, bias] (calibration.py)
     format_version: int = FORMAT_VERSION
     metadata: dict = field(default_factory=dict)
 
@@ -97,11 +101,14 @@ class BundleConfig:
                              f"got {self.fallback!r}")
         if self.max_length is not None:
             check_max_length(self.max_length)
+        self.calibration = check_calibration(self.calibration, list(self.experts))
 
     def to_json(self) -> str:
         data = asdict(self)
         if data["max_length"] is None:  # absent rather than null: the file stays what older readers know
             del data["max_length"]
+        if not data["calibration"]:
+            del data["calibration"]
         return json.dumps(data, indent=2, sort_keys=True)
 
 
@@ -150,7 +157,7 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
                  router: LatentRouter | None = None, threshold: float | None = None,
                  expert_instructions: dict[str, str] | None = None, metadata: dict | None = None,
                  adapter_dtype: str | None = None, fallback: str = BASE_ADAPTER,
-                 max_length: int | None = None) -> Path:
+                 max_length: int | None = None, calibration: dict | None = None) -> Path:
     """Write a complete bundle atomically (built in a temporary folder, then moved into place).
 
     ``experts`` maps names to peft adapter folders, which are copied to ``experts/<name>/`` along with an
@@ -159,6 +166,7 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
     as they are: bf16 halves an fp32 adapter; experts are cast back to the backbone's dtype on load.
     ``fallback`` names the expert for queries routed below the threshold (``"__base__"``: the backbone).
     ``max_length`` records the prompt length the experts were trained at, which loading then uses by default.
+    ``calibration`` (``{expert: [scale, bias]}``) records each expert's score calibration.
     """
     root = Path(path)
     if adapter_dtype is not None and adapter_dtype not in DTYPES:
@@ -196,7 +204,7 @@ def write_bundle(path: str | Path, *, base_model: str, base_fingerprint: dict, t
             base_model=base_model, base_fingerprint=base_fingerprint, template=template.to_dict(),
             instruction=instruction, expert_instructions=dict(expert_instructions or {}), experts=sub_paths,
             router=router_entry, threshold=threshold, fallback=fallback, max_length=max_length,
-            metadata=dict(metadata or {}),
+            calibration=dict(calibration or {}), metadata=dict(metadata or {}),
         )
         (tmp / BUNDLE_FILE).write_text(config.to_json(), encoding="utf-8")
         _make_readable(tmp)
@@ -230,12 +238,14 @@ def _cast_safetensors(src: Path, dst: Path, dtype: str) -> None:
 
 
 def export_bundle(src: str | Path, dst: str | Path, *, adapter_dtype: str | None = None,
-                  metadata: dict | None = None, router: LatentRouter | None = None) -> Path:
+                  metadata: dict | None = None, router: LatentRouter | None = None,
+                  calibration: dict | None = None) -> Path:
     """Copy the bundle at ``src`` to ``dst`` (atomically), optionally storing the adapters in ``adapter_dtype``.
 
     Works on files only: no model is loaded. The base fingerprint, template, instructions, router, threshold
     and recorded ``max_length`` are kept, unless ``router`` is given: it then replaces the router, and its
-    ``threshold`` the bundle's. ``metadata`` entries are added to the bundle's metadata.
+    ``threshold`` the bundle's. ``metadata`` entries are added to the bundle's metadata. ``calibration``, if
+    given, replaces the bundle's score calibration (``{}`` removes it).
     """
     src = Path(src)
     config = read_bundle(src)
@@ -258,4 +268,5 @@ def export_bundle(src: str | Path, dst: str | Path, *, adapter_dtype: str | None
         experts={name: src / sub for name, sub in config.experts.items()}, router=router,
         threshold=threshold, expert_instructions=config.expert_instructions, metadata=meta,
         adapter_dtype=adapter_dtype, fallback=config.fallback, max_length=config.max_length,
+        calibration=config.calibration if calibration is None else calibration,
     )

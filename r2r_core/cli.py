@@ -56,6 +56,46 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from r2r_core import R2RReranker
+    from r2r_core.bundle import export_bundle, is_bundle
+    from r2r_core.calibration import collect_margins, fit_calibration
+    from r2r_core.evaluation.cli import load_datasets
+    from r2r_core.reranker import _model_path
+
+    if min(args.max_queries, args.max_candidates) < 1:
+        raise SystemExit(f"r2r calibrate: --max-queries and --max-candidates must be >= 1, got "
+                         f"{args.max_queries} and {args.max_candidates}")
+    src = _model_path(args.bundle)
+    if not is_bundle(src):
+        raise SystemExit(f"r2r calibrate: {args.bundle} is not an R2R bundle (no r2r.json)")
+    datasets = load_datasets(args.data, args.split)  # before the model: a bad path fails fast
+    engine = R2RReranker.from_pretrained(src, dtype=args.dtype)
+    fallback = engine.fallback
+
+    def experts_for(ds):  # the dataset's domain expert, and the fallback, which sees every domain
+        own = [ds.domain] if ds.domain in engine.experts and ds.domain != fallback else []
+        return own + [fallback]
+
+    samples = collect_margins(engine, datasets, experts_for, max_queries=args.max_queries,
+                              max_candidates=args.max_candidates, seed=args.seed)
+    calibration = {**engine.calibration, **fit_calibration(samples)}
+    export_bundle(src, args.out, calibration=calibration,
+                  metadata={"calibration": {"data": [str(d) for d in args.data], "split": args.split,
+                                            "max_queries": args.max_queries, "max_candidates": args.max_candidates,
+                                            "pairs": {e: len(r) for e, r in samples.items()}}})
+    for expert, (scale, bias) in sorted(calibration.items()):
+        rows = samples.get(expert, [])
+        pos = [scale * m + bias for _, m, y in rows if y]
+        neg = [scale * m + bias for _, m, y in rows if not y]
+        above = sum(v > 0 for v in pos) / max(len(pos), 1)
+        below = sum(v < 0 for v in neg) / max(len(neg), 1)
+        print(f"{expert}: scale {scale:.3f} bias {bias:+.3f}; {len(rows)} pairs; relevant above 0.5: "
+              f"{above:.0%}, non-relevant below 0.5: {below:.0%}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from r2r_core import R2RReranker
     from r2r_core.serve import run
@@ -94,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--adapter-dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="store the experts' weights in this dtype (default: as they are)")
     export.set_defaults(func=_export)
+    cal = sub.add_parser("calibrate", help="fit each expert's score calibration on judged data (train/dev); "
+                                           "writes a calibrated copy of the bundle")
+    cal.add_argument("--bundle", default="default", help="bundle folder or 'default'")
+    cal.add_argument("--data", action="append", required=True,
+                     help="BEIR dataset folder, or a root holding several (repeatable)")
+    cal.add_argument("--split", default="dev", help="split to fit on (never the one you report; default: dev)")
+    cal.add_argument("--out", required=True, help="destination bundle folder")
+    cal.add_argument("--max-queries", type=int, default=40, help="queries per dataset (default: 40)")
+    cal.add_argument("--max-candidates", type=int, default=20, help="top candidates of the run per query (20)")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--dtype", default="auto")
+    cal.set_defaults(func=_calibrate)
     serve = sub.add_parser("serve", help="serve a bundle over HTTP: Cohere /v1|v2/rerank, TEI /rerank, /health, /info")
     serve.add_argument("--bundle", default="default", help="bundle folder, model id, or 'default'")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")

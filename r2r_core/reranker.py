@@ -17,6 +17,7 @@ import torch
 
 from r2r_core.backbone import Backbone, fingerprints_match, load_backbone
 from r2r_core.bundle import is_bundle, read_bundle, write_bundle
+from r2r_core.calibration import apply_calibration
 from r2r_core.experts import ExpertSet
 from r2r_core.router import NO_ROUTER, LatentRouter, Route
 from r2r_core.scoring import (
@@ -58,7 +59,11 @@ def resolve_max_length(name_or_path: str | Path, max_length: int | None = None) 
 
 @dataclass(frozen=True)
 class RerankResult:
-    """One reranked document: its position in the input, its score, the text and the expert that scored it."""
+    """One reranked document: its position in the input, its score, the text and the expert that scored it.
+
+    ``margin`` is the raw ``z_yes - z_no``; ``score`` is ``sigmoid(margin)``, or the expert's calibrated
+    ``sigmoid(scale * margin + bias)`` (:attr:`R2RReranker.calibration`), in [0, 1].
+    """
 
     index: int
     score: float
@@ -134,6 +139,9 @@ class R2RReranker:
         self.router = router
         self.threshold = threshold
         self._fallback = fallback
+        #: ``{expert: [scale, bias]}``: :attr:`RerankResult.score` is ``sigmoid(scale * margin + bias)`` for
+        #: those experts (:mod:`r2r_core.calibration`), ``sigmoid(margin)`` for the others. Bundles carry it.
+        self.calibration: dict[str, list[float]] = {}
         self.use_prefix_cache = use_prefix_cache
         self._lock = threading.RLock()
         self._sources: dict[str, Path] = {}
@@ -209,6 +217,7 @@ class R2RReranker:
         for name, sub in config.experts.items():
             self.add_expert(name, path / sub, instruction=config.expert_instructions.get(name))
         self.fallback = config.fallback
+        self.calibration = dict(config.calibration)
         if router is not None:
             missing = sorted(set(router.labels) - set(self.experts))
             if missing:
@@ -217,7 +226,8 @@ class R2RReranker:
 
     def save_pretrained(self, path: str | Path, *, adapter_dtype: str | None = None) -> Path:
         """Write this reranker as a bundle (experts, router, template, instructions, base fingerprint, and
-        ``encoder.max_length`` as the bundle's ``max_length``, the default of the next load).
+        ``encoder.max_length`` as the bundle's ``max_length``, the default of the next load, and
+        :attr:`calibration` for the experts it has).
 
         ``adapter_dtype="bfloat16"`` stores the experts' weights in bf16 (half the size of fp32).
         """
@@ -228,6 +238,7 @@ class R2RReranker:
                 router=self.router, threshold=self.threshold,
                 expert_instructions={n: i for n in self.experts if (i := self._experts.instruction(n))},
                 adapter_dtype=adapter_dtype, fallback=self._fallback, max_length=self.encoder.max_length,
+                calibration={n: c for n, c in self.calibration.items() if n in self.experts or n == BASE_ADAPTER},
             )
 
     # ------------------------------------------------------------------ experts
@@ -327,11 +338,11 @@ class R2RReranker:
                 flat[i] = v
         return flat
 
-    @staticmethod
-    def _results(docs: list[str], margins: list[float], expert: str, top_n: int,
+    def _results(self, docs: list[str], margins: list[float], expert: str, top_n: int,
                  score_threshold: float | None = None) -> list[RerankResult]:
+        pair = self.calibration.get(expert)
         results = [
-            RerankResult(i, float(torch.sigmoid(torch.tensor(m))), d, expert, float(m))
+            RerankResult(i, apply_calibration(m, pair), d, expert, float(m))
             for i, (d, m) in enumerate(zip(docs, margins))
         ]
         results.sort(key=lambda r: (-r.margin, r.index))
@@ -344,9 +355,9 @@ class R2RReranker:
                expert: str | None = None, score_threshold: float | None = None) -> list[RerankResult]:
         """Score ``documents`` for ``query`` and return them best first (at most ``top_n``).
 
-        ``score_threshold`` applies after ``top_n``: only documents whose score ``sigmoid(z_yes - z_no)`` is at
-        least the threshold are kept. The default bundle's experts are trained with a pointwise term that
-        makes the score a probability of relevance: 0.5 means "as likely relevant as not".
+        ``score_threshold`` applies after ``top_n``: only documents whose score is at least the threshold are
+        kept. The score is ``sigmoid(z_yes - z_no)``, through the expert's :attr:`calibration` where it has
+        one; the default bundle's is fitted so that 0.5 means "as likely relevant as not".
         """
         return self.rerank_with_route(query, documents, top_n, expert, score_threshold)[1]
 

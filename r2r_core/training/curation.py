@@ -10,8 +10,8 @@ For each training query:
 3. **Hard negatives** are the top-ranked candidates that are not positives; **random negatives** are
    drawn from the rest of the corpus; **foreign negatives** (``num_foreign_negatives``, off by default) are
    passages of the *other domains'* corpora, so that an expert learns that an off-domain passage is not an
-   answer (a contract clause is not relevant to a drug question). Negatives that are near-duplicates of any positive of the query
-   (word-shingle Jaccard >= threshold) are dropped: they are likely false negatives.
+   answer (a contract clause is not relevant to a drug question). Negatives that are near-duplicates of any
+   positive of the query (word-shingle Jaccard >= threshold) are dropped: they are likely false negatives.
 4. A **group** is 1 positive followed by ``num_negatives`` negatives (default 7). A positive is never
    among the negatives: every qrels positive and every annotator positive is excluded.
 

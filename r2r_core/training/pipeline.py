@@ -146,7 +146,8 @@ def _warm_start_adapter(recipe) -> Path | None:
     if explicit is not None:
         folder = Path(explicit).expanduser()
         if not (folder / "adapter_config.json").is_file():
-            raise ValueError(f"`output.init_adapter` {explicit!r} is not a PEFT adapter folder (no adapter_config.json)")
+            raise ValueError(f"`output.init_adapter` {explicit!r} is not a PEFT adapter folder "
+                             "(no adapter_config.json)")
     else:
         if not is_bundle(DEFAULT_BUNDLE_DIR):
             return None

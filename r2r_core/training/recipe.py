@@ -107,7 +107,8 @@ class OutputSection:
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"`output.time_budget_s` must be > 0 or unset, got {self.time_budget_s!r}")
         if self.init_adapter is not None and not (isinstance(self.init_adapter, str) and self.init_adapter):
-            raise ValueError(f"`output.init_adapter` must be an adapter folder path or unset, got {self.init_adapter!r}")
+            raise ValueError(
+                f"`output.init_adapter` must be an adapter folder path or unset, got {self.init_adapter!r}")
 
 
 _SECTIONS = {
