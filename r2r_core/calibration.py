@@ -92,7 +92,7 @@ def fit_platt(margins: Sequence[float], labels: Sequence[int], weights: Sequence
         return loss
 
     opt.step(closure)
-    return [float(log_scale.exp()), float(bias)]
+    return [float(log_scale.detach().exp()), float(bias.detach())]
 
 
 def collect_margins(reranker, datasets, expert_for, *, max_queries: int = 40, max_candidates: int = 20,

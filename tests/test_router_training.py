@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -231,6 +232,28 @@ def test_labelled_query_files(tmp_path):
         read_labelled_queries(bad)
     with pytest.raises(FileNotFoundError, match="queries.jsonl"):
         read_labelled_queries(tmp_path / "nowhere")
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"text": "q", "domain": "it", "kind": "synthetic"}) + "\n")
+    with pytest.raises(ValueError, match=r"odd.jsonl:1: 'kind'"):
+        read_labelled_queries(odd)
+
+
+def test_written_examples_of_kind_pseudo_are_trained_on_but_never_a_held_out_fold():
+    from pathlib import Path
+
+    from r2r_core.training.router_training import PSEUDO, RoutingExample, lodo_predictions, read_labelled_queries
+
+    seed = Path(__file__).resolve().parent.parent / "recipes" / "data" / "router_seed_queries.jsonl"
+    rows = read_labelled_queries(seed)  # the file recipes/default.toml trains the shipped router with
+    assert {r.kind for r in rows} == {PSEUDO}
+    assert Counter(r.domain for r in rows) == {"legal": 45, "medical": 45, "financial": 45}
+    real = [RoutingExample(f"{d} question {i}", d, f"{d}-set", "query") for d in ("legal", "medical") for i in range(4)]
+    features = torch.randn(len(real) + len(rows), 8, generator=torch.Generator().manual_seed(0))
+    config = RouterConfig(epochs=5, pseudo_per_dataset=0)
+    folds, unmeasured = lodo_predictions(features, real + rows, ["financial", "legal", "medical"], config)
+    # the seed sets are no fold; each real set is held out with its domain learnt from the seed examples only
+    assert set(folds) == {"legal-set", "medical-set"} and not unmeasured
+    assert folds["legal-set"].trained_on == "without legal-set: legal learnt from seed-legal"
 
 
 def test_a_domain_without_an_expert_is_refused(toy, tiny_model_dir, tmp_path):

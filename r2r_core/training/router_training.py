@@ -227,7 +227,10 @@ def pseudo_queries(dataset: BeirDataset, per_kind: int, kinds: Sequence[str] = (
 def read_labelled_queries(path: str | Path) -> list[RoutingExample]:
     """The labelled queries of a ``.jsonl`` file, or of a folder's ``queries.jsonl``: one JSON object a line with
     ``"text"`` and the ``"domain"`` (top level or under ``"metadata"``, as in BEIR files); ``"dataset"`` (same
-    places) names the set, by default the folder's name (the file's stem for a file). Errors name file and line."""
+    places) names the set, by default the folder's name (the file's stem for a file). ``"kind"`` is ``"query"``
+    (default: real queries of that set, a leave-one-dataset-out fold of their own) or ``"pseudo"`` (written or
+    generated examples of the domain, always trained on and never held out, like the corpora's pseudo-queries).
+    Errors name file and line."""
     path = Path(path).expanduser()
     file = path / "queries.jsonl" if path.is_dir() else path
     if not file.is_file():
@@ -251,7 +254,10 @@ def read_labelled_queries(path: str | Path) -> list[RoutingExample]:
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{file}:{number}: each line needs a non-empty string {name!r} "
                                  f"(the query, its domain), got {value!r}")
-        rows.append(RoutingExample(text, domain.strip(), dataset.strip(), QUERY))
+        kind = record.get("kind", QUERY)
+        if kind not in (QUERY, PSEUDO):
+            raise ValueError(f"{file}:{number}: 'kind' must be {QUERY!r} or {PSEUDO!r}, got {kind!r}")
+        rows.append(RoutingExample(text, domain.strip(), dataset.strip(), kind))
     if not rows:
         raise ValueError(f"{file}: no labelled queries")
     return rows
