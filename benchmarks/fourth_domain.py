@@ -37,8 +37,9 @@ def passages(text: str, chars: int) -> list[str]:
 
 
 def build(out: Path, chars: int = 700, depth: int = 20) -> Path:
-    import bm25s
     from pydoc_data.topics import topics
+
+    import bm25s
 
     rows = [ln.split("\t") for ln in QUERIES.read_text(encoding="utf-8").splitlines() if ln.strip() and ln[0] != "#"]
     corpus = []
