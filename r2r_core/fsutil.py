@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["atomic_json", "atomic_text", "current_umask", "replace_dir"]
+__all__ = ["atomic_concat", "atomic_json", "atomic_text", "current_umask", "replace_dir"]
 
 
 def current_umask() -> int:
@@ -127,3 +128,28 @@ def atomic_text(text: str, path: str | Path) -> Path:
 
 def atomic_json(data, path: str | Path) -> Path:
     return atomic_text(json.dumps(data, indent=2, sort_keys=True, default=str), path)
+
+
+def atomic_concat(parts: list[Path], path: str | Path, sha256: str | None = None) -> Path:
+    """Concatenate the files ``parts`` into ``path`` atomically: written to a temporary file beside it, checked
+    against ``sha256`` when given (a ValueError on a mismatch), then renamed into place, so ``path`` is either
+    absent (or as it was) or complete."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ValueError(
+                f"concatenating {len(parts)} parts into {path.name} gave sha256 {digest.hexdigest()}, expected "
+                f"{sha256}: a part is damaged or from another version"
+            )
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

