@@ -4,8 +4,8 @@ Builds a small BEIR-format set, ``pydocs``, in ``--out`` from the ``pydoc_data.t
 Python (the language reference's topics, shipped with every CPython): each topic is cut into passages of about
 ``--chars`` characters at paragraph breaks; the queries are the hand-written questions of
 ``benchmarks/data/fourth_domain_queries.tsv`` (topic, question), each judged relevant to the first passage of its
-topic (the topic's opening, which states what the construct does); the first-stage run is BM25 (bm25s, the same
-Lucene settings as the shared data's runs) top ``--depth`` over all passages. Then::
+topic (the topic's opening, which states what the construct does); the first-stage run is BM25 (curation's
+``BM25Retriever``: bm25s, Lucene k1=1.5, b=0.75, English stemmer) top ``--depth`` over all passages. Then::
 
     r2r eval --data OUT --split dev --systems first-stage minilm r2r --bundle default --max-candidates 20 ...
 
@@ -39,7 +39,8 @@ def passages(text: str, chars: int) -> list[str]:
 def build(out: Path, chars: int = 700, depth: int = 20) -> Path:
     from pydoc_data.topics import topics
 
-    import bm25s
+    from r2r_core.data import BeirDataset, Doc, Query
+    from r2r_core.training.curation import BM25Retriever
 
     rows = [ln.split("\t") for ln in QUERIES.read_text(encoding="utf-8").splitlines() if ln.strip() and ln[0] != "#"]
     corpus = []
@@ -63,22 +64,13 @@ def build(out: Path, chars: int = 700, depth: int = 20) -> Path:
         fh.writelines(json.dumps(q) + "\n" for q in queries)
     (root / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
         f"{q['_id']}\t{first[k]}\t1\n" for q, (k, _) in zip(queries, rows)), encoding="utf-8")
-    stemmer = None
-    try:
-        import Stemmer
-
-        stemmer = Stemmer.Stemmer("english")
-    except ImportError:
-        pass
-    retriever = bm25s.BM25(k1=1.5, b=0.75)
-    retriever.index(bm25s.tokenize([d["text"] for d in corpus], stopwords="en", stemmer=stemmer, show_progress=False),
-                    show_progress=False)
-    found, scores = retriever.retrieve(bm25s.tokenize([q["text"] for q in queries], stopwords="en", stemmer=stemmer,
-                                                      show_progress=False), k=depth, show_progress=False)
+    docs = {d["_id"]: Doc(d["_id"], d["title"], d["text"]) for d in corpus}
+    index = BeirDataset(root, "pydocs", "dev", docs, {}, {}, {})  # the corpus BM25Retriever indexes
+    bm25 = BM25Retriever()
     with open(root / "runs" / "dev.trec", "w", encoding="utf-8") as fh:
-        for q, ids, ss in zip(queries, found, scores):
-            for rank, (i, s) in enumerate(zip(ids, ss), 1):
-                fh.write(f"{q['_id']} Q0 {corpus[int(i)]['_id']} {rank} {float(s):.4f} bm25\n")
+        for q in queries:
+            for rank, (doc_id, score) in enumerate(bm25.scored(index, Query(q["_id"], q["text"]), depth), 1):
+                fh.write(f"{q['_id']} Q0 {doc_id} {rank} {score:.4f} bm25\n")
     return root
 
 

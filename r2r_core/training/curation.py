@@ -192,14 +192,18 @@ class BM25Retriever:
             logger.info("bm25: indexed %d documents of %s", len(ids), dataset.name)
         return self._indexes[key]
 
-    def __call__(self, dataset: BeirDataset, query: Query, depth: int) -> list[str]:
+    def scored(self, dataset: BeirDataset, query: Query, depth: int) -> list[tuple[str, float]]:
+        """The top ``depth`` documents with a positive BM25 score, as ``(doc_id, score)`` best first."""
         retriever, ids, stemmer, bm25s = self._index(dataset)
         tokens = bm25s.tokenize([query.text], stopwords="en", stemmer=stemmer, show_progress=False)
         if not tokens.vocab:
             return []
         k = min(depth, len(ids))
         docs, scores = retriever.retrieve(tokens, k=k, show_progress=False)
-        return [ids[int(i)] for i, s in zip(docs[0], scores[0]) if s > 0]
+        return [(ids[int(i)], float(s)) for i, s in zip(docs[0], scores[0]) if s > 0]
+
+    def __call__(self, dataset: BeirDataset, query: Query, depth: int) -> list[str]:
+        return [doc_id for doc_id, _ in self.scored(dataset, query, depth)]
 
 
 class DenseRetriever:
@@ -348,8 +352,7 @@ def curate_dataset(
 
     def text(doc_id: str) -> str:
         if doc_id not in text_cache:
-            full = dataset.corpus[doc_id].full_text
-            text_cache[doc_id] = full[: config.max_doc_chars] if config.max_doc_chars else full
+            text_cache[doc_id] = _doc_text(dataset, doc_id, config)
         return text_cache[doc_id]
 
     for qid in qids:
@@ -472,9 +475,15 @@ def curate(
             quotas.update(caps if config.max_groups_per_dataset is not None else dict.fromkeys(caps))
     groups: list[TrainGroup] = []
     report: dict[str, dict] = {}
+    pools: dict[str, list[tuple[str, str]]] = {}  # one foreign pool per domain, shared by its datasets
     for d in datasets:
         quota = quotas[d.name]
-        pool = _foreign_pool(d, datasets, config) if config.num_foreign_negatives else ()
+        pool: Sequence[tuple[str, str]] = ()
+        if config.num_foreign_negatives:
+            own = d.domain or d.name
+            if own not in pools:
+                pools[own] = _foreign_pool(own, datasets, config)
+            pool = pools[own]
         got, rep = curate_dataset(d, config, annotator=annotator, retriever=retriever, max_groups=quota,
                                   foreign=pool)
         rep["quota"] = quota
@@ -487,19 +496,22 @@ def curate(
 _FOREIGN_PER_DATASET = 2000
 
 
-def _foreign_pool(dataset: BeirDataset, datasets: Sequence[BeirDataset],
-                  config: CurationConfig) -> list[tuple[str, str]]:
-    """Up to 2,000 seeded passages from each dataset of another domain, as ``("name/doc_id", text)``."""
-    own = dataset.domain or dataset.name
+def _doc_text(dataset: BeirDataset, doc_id: str, config: CurationConfig) -> str:
+    """A document's title and text, cut to ``config.max_doc_chars`` when set."""
+    full = dataset.corpus[doc_id].full_text
+    return full[: config.max_doc_chars] if config.max_doc_chars else full
+
+
+def _foreign_pool(domain: str, datasets: Sequence[BeirDataset], config: CurationConfig) -> list[tuple[str, str]]:
+    """Up to 2,000 seeded passages from each dataset not of ``domain``, as ``("name/doc_id", text)``."""
     pool: list[tuple[str, str]] = []
     for other in datasets:
-        if (other.domain or other.name) == own:
+        if (other.domain or other.name) == domain:
             continue
         ids = sorted(other.corpus)
         random.Random(f"{config.seed}|foreign|{other.name}").shuffle(ids)
-        for doc_id in ids[:_FOREIGN_PER_DATASET]:
-            full = other.corpus[doc_id].full_text
-            pool.append((f"{other.name}/{doc_id}", full[: config.max_doc_chars] if config.max_doc_chars else full))
+        pool.extend((f"{other.name}/{doc_id}", _doc_text(other, doc_id, config))
+                    for doc_id in ids[:_FOREIGN_PER_DATASET])
     return pool
 
 
