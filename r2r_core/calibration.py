@@ -58,7 +58,7 @@ def check_calibration(calibration: Mapping, experts: Sequence[str] | None = None
 def apply_calibration(margin: float, pair: Sequence[float] | None) -> float:
     """``sigmoid(scale * margin + bias)``; plain ``sigmoid(margin)`` without a calibration."""
     scale, bias = (1.0, 0.0) if pair is None else pair
-    return float(torch.sigmoid(torch.tensor(scale * margin + bias, dtype=torch.float64)))
+    return 0.5 * (1.0 + math.tanh(0.5 * (scale * margin + bias)))  # sigmoid, stable for any margin, no tensor
 
 
 def fit_platt(margins: Sequence[float], labels: Sequence[int], weights: Sequence[float] | None = None,

@@ -357,7 +357,8 @@ class R2RReranker:
 
         ``score_threshold`` applies after ``top_n``: only documents whose score is at least the threshold are
         kept. The score is ``sigmoid(z_yes - z_no)``, through the expert's :attr:`calibration` where it has
-        one; the default bundle's is fitted so that 0.5 means "as likely relevant as not".
+        one; ``r2r calibrate`` fits it so that 0.5 means "as likely relevant as not" (the shipped default
+        carries none yet).
         """
         return self.rerank_with_route(query, documents, top_n, expert, score_threshold)[1]
 
