@@ -158,6 +158,30 @@ def test_lodo_threshold_keeps_confident_wrong_routes_under_the_limit():
     assert out["threshold_choice"]["rule"] == "lodo" and out["ood_cutoff"] is None
 
 
+def test_a_route_to_the_fallback_label_is_a_fallback_not_a_confident_wrong_route():
+    """With labelled questions from no domain the fallback expert is a label of the router: a held-out query routed to
+    it is wrong for accuracy but lands on the fallback, so it is no confident wrong route and no threshold is needed
+    to catch it; a route to another domain still is one."""
+    from r2r_core.training.router_training import summarize_lodo
+
+    def logits(i):  # probability 0.9 to label i of three
+        return [math.log(0.9) if k == i else math.log(0.05) for k in range(3)]
+
+    fold = _fold([logits(0)] * 6 + [logits(1)] * 3 + [logits(2)], [0] * 10)  # labels x, general, z; truth x
+    config = RouterConfig(calibrate=False, ood_check=False, max_confident_wrong=0.05)
+    out = summarize_lodo({"a": fold}, ["x", "general", "z"], config)
+    per = out["per_dataset"]["a"]
+    assert per["accuracy"] == pytest.approx(0.6) and per["to_fallback"] == pytest.approx(0.3)
+    assert out["threshold"] > 0.9 and out["confident_wrong"] == 0.0  # only the route to z needs the threshold
+    relaxed = summarize_lodo({"a": fold}, ["x", "general", "z"],
+                             RouterConfig(calibrate=False, ood_check=False, max_confident_wrong=0.15))
+    assert relaxed["threshold"] == 0.0 and relaxed["confident_wrong"] == pytest.approx(0.1)
+    assert relaxed["fallback_share"] == pytest.approx(0.3)
+    plain = summarize_lodo({"a": fold}, ["x", "general", "z"],
+                           RouterConfig(calibrate=False, ood_check=False, max_confident_wrong=0.15, fallback="none"))
+    assert plain["threshold"] > 0.9 and plain["per_dataset"]["a"]["to_fallback"] == 0.0  # 4 wrong routes of 10
+
+
 def test_temperature_and_distance_cutoff_from_the_folds():
     from r2r_core.training.router_training import fit_temperature, summarize_lodo
 

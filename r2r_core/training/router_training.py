@@ -17,7 +17,10 @@
   predictions (each dataset weighing the same); the distance cut-off of the out-of-distribution check lets
   ``ood_keep`` of the held-out queries through (``ood_check=false``: no check); threshold rule ``lodo`` picks
   the smallest threshold at which confident wrong routes (routed, not caught by the distance check, wrong
-  domain) are at most ``max_confident_wrong`` of the held-out queries (averaged over datasets). ``keep-correct`` is
+  domain) are at most ``max_confident_wrong`` of the held-out queries (averaged over datasets). When the
+  ``fallback`` expert is itself a label (labelled queries of domain ``general``: questions from no domain), a
+  held-out query routed to it counts as a fallback, like one below the threshold: wrong for accuracy, but no
+  confident wrong route. ``keep-correct`` is
   the older rule on the in-distribution dev queries; ``fixed`` uses ``threshold``; ``none`` uses 0.
 * **Report**: per held-out dataset its accuracy, where its queries went, its confident-wrong and fallback shares;
   their mean and minimum; the temperature, threshold and cut-off; and on the dev queries (in distribution)
@@ -90,6 +93,7 @@ class RouterConfig:
     threshold: float = 0.0
     ood_check: bool = True  # send queries far from every domain to the fallback
     ood_keep: float = 0.99  # share of the held-out queries the distance check lets through
+    fallback: str = "general"  # the bundle's fallback expert: a route to it (when it is a label) is no wrong route
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -441,14 +445,17 @@ def summarize_lodo(folds: dict[str, HeldOut], labels: Sequence[str], config: Rou
     ok = pred == truth
     cutoff = _weighted_quantile(dist, weights, config.ood_keep) if config.ood_check else None
     far = dist > cutoff if cutoff is not None else torch.zeros(len(dist), dtype=torch.bool)
+    to_fallback = (pred == list(labels).index(config.fallback) if config.fallback in labels
+                   else torch.zeros(len(pred), dtype=torch.bool))
+    kept = ~far & ~to_fallback  # queries routed to a domain expert if confident enough
 
     def per_fold(mask: torch.Tensor) -> torch.Tensor:
         return torch.bincount(fold_of[mask], minlength=len(names)).float() / sizes
 
     if config.threshold_rule == "lodo":
-        threshold = 0.0
+        threshold = 0.999999  # if no threshold keeps wrong routes under the limit, nothing is routed
         for t in [0.0, *sorted(set(top.tolist()))]:
-            if float(per_fold((top >= t) & ~far & ~ok).mean()) <= config.max_confident_wrong:
+            if float(per_fold((top >= t) & kept & ~ok).mean()) <= config.max_confident_wrong:
                 threshold = min(t, 0.999999)
                 break
         choice = {"threshold": threshold, "rule": "lodo", "max_confident_wrong": config.max_confident_wrong,
@@ -458,7 +465,7 @@ def summarize_lodo(folds: dict[str, HeldOut], labels: Sequence[str], config: Rou
     else:
         choice = None
         threshold = config.threshold if config.threshold_rule == "fixed" else 0.0
-    routed = (top >= threshold) & ~far
+    routed = (top >= threshold) & kept
     wrong = per_fold(routed & ~ok)
     out = {
         "per_dataset": {}, "temperature": temperature, "ood_cutoff": cutoff, "threshold": threshold,
@@ -470,8 +477,9 @@ def summarize_lodo(folds: dict[str, HeldOut], labels: Sequence[str], config: Rou
         out["per_dataset"][n] = {
             "n": int(sizes[i]), "accuracy": float(ok[rows].float().mean()), "predicted": dict(went),
             "confident_wrong": float(wrong[i]),
-            "below_threshold": float(((top < threshold) & ~far)[rows].float().mean()),
-            "out_of_distribution": float(far[rows].float().mean()), "trained_on": folds[n].trained_on,
+            "below_threshold": float(((top < threshold) & kept)[rows].float().mean()),
+            "out_of_distribution": float(far[rows].float().mean()),
+            "to_fallback": float((to_fallback & ~far)[rows].float().mean()), "trained_on": folds[n].trained_on,
         }
     acc = [out["per_dataset"][n]["accuracy"] for n in names]
     out.update({
