@@ -57,6 +57,7 @@ __all__ = ["PSEUDO_KINDS", "HeldOut", "RouterConfig", "RouterFit", "RoutingExamp
 THRESHOLD_RULES = ("lodo", "keep-correct", "fixed", "none")
 BALANCES = ("dataset", "domain")
 QUERY, PSEUDO = "query", "pseudo"
+MAX_THRESHOLD = 0.999999  # thresholds stay below 1 (RouterConfig.threshold < 1): at it, nothing is routed
 
 
 class RoutingExample(NamedTuple):
@@ -340,7 +341,7 @@ def choose_threshold(top_prob: Sequence[float], correct: Sequence[bool], keep_co
     if not ok:
         return {"threshold": 0.0, "rule": "keep-correct", "note": "no correctly routed dev query; threshold 0"}
     drop = math.floor((1.0 - keep_correct) * len(ok) + 1e-9)
-    threshold = min(ok[min(drop, len(ok) - 1)], 0.999999)
+    threshold = min(ok[min(drop, len(ok) - 1)], MAX_THRESHOLD)
     # nudge just below the value so that query itself stays routed (routing uses p >= threshold)
     threshold = max(0.0, math.nextafter(threshold, 0.0))
     wrong = [p for p, c in zip(top_prob, correct) if not c]
@@ -453,10 +454,10 @@ def summarize_lodo(folds: dict[str, HeldOut], labels: Sequence[str], config: Rou
         return torch.bincount(fold_of[mask], minlength=len(names)).float() / sizes
 
     if config.threshold_rule == "lodo":
-        threshold = 0.999999  # if no threshold keeps wrong routes under the limit, nothing is routed
+        threshold = MAX_THRESHOLD  # if no threshold keeps wrong routes under the limit, nothing is routed
         for t in [0.0, *sorted(set(top.tolist()))]:
             if float(per_fold((top >= t) & kept & ~ok).mean()) <= config.max_confident_wrong:
-                threshold = min(t, 0.999999)
+                threshold = min(t, MAX_THRESHOLD)
                 break
         choice = {"threshold": threshold, "rule": "lodo", "max_confident_wrong": config.max_confident_wrong,
                   "description": (f"smallest threshold at which confident wrong routes are at most "
