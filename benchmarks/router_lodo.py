@@ -38,6 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from r2r_core.router import POOLINGS, encode_queries  # noqa: E402
+from r2r_core.training.pipeline import GENERAL_EXPERT  # noqa: E402
 from r2r_core.training.router_training import (  # noqa: E402
     PSEUDO_KINDS,
     RouterConfig,
@@ -117,7 +118,7 @@ def evaluate(cache: FeatureCache, train, dev, config: RouterConfig, probes: list
         return cache.get(texts, config.pooling, config.layer, config.query_template, layers)
 
     x = feats([r.text for r in rows])
-    router, lodo, unmeasured, folds = fit_router(x, rows, labels, config)
+    router, lodo, unmeasured, folds = fit_router(x, rows, labels, config, GENERAL_EXPERT)
     router.threshold = lodo["threshold"]
     out = {k: v for k, v in lodo.items() if k != "threshold_choice"}
     out["unmeasured"] = unmeasured

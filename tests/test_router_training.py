@@ -169,16 +169,16 @@ def test_a_route_to_the_fallback_label_is_a_fallback_not_a_confident_wrong_route
 
     fold = _fold([logits(0)] * 6 + [logits(1)] * 3 + [logits(2)], [0] * 10)  # labels x, general, z; truth x
     config = RouterConfig(calibrate=False, ood_check=False, max_confident_wrong=0.05)
-    out = summarize_lodo({"a": fold}, ["x", "general", "z"], config)
+    out = summarize_lodo({"a": fold}, ["x", "general", "z"], config, "general")
     per = out["per_dataset"]["a"]
     assert per["accuracy"] == pytest.approx(0.6) and per["to_fallback"] == pytest.approx(0.3)
     assert out["threshold"] > 0.9 and out["confident_wrong"] == 0.0  # only the route to z needs the threshold
     relaxed = summarize_lodo({"a": fold}, ["x", "general", "z"],
-                             RouterConfig(calibrate=False, ood_check=False, max_confident_wrong=0.15))
+                             RouterConfig(calibrate=False, ood_check=False, max_confident_wrong=0.15), "general")
     assert relaxed["threshold"] == 0.0 and relaxed["confident_wrong"] == pytest.approx(0.1)
     assert relaxed["fallback_share"] == pytest.approx(0.3)
     plain = summarize_lodo({"a": fold}, ["x", "general", "z"],
-                           RouterConfig(calibrate=False, ood_check=False, max_confident_wrong=0.15, fallback="none"))
+                           RouterConfig(calibrate=False, ood_check=False, max_confident_wrong=0.15))  # no fallback
     assert plain["threshold"] > 0.9 and plain["per_dataset"]["a"]["to_fallback"] == 0.0  # 4 wrong routes of 10
 
 

@@ -22,10 +22,15 @@ def _fast_cpu(fast_cpu_module):
 def trained(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("pipeline")
     write_toy_beir(root / "data", n_train=10, n_dev=4)
+    general = root / "general.jsonl"  # questions from no domain, as in the default recipe: `general` is a route
+    general.write_text("".join(json.dumps({"text": t, "domain": "general", "dataset": "seed-general", "kind": "pseudo"})
+                               + "\n" for t in ("How long should I boil an egg?", "Who won the last world cup?",
+                                                 "What is the tallest mountain in Europe?")))
     out = root / "out"
     args = ["train", "--recipe", str(SMOKE), "--data", str(root / "data"), "--base-model", str(tiny_model_dir),
             "--out", str(out), "--precision", "fp32", "--no-progress", "--ablations", "single-lora", "direct-ft",
-            "--set", "stage2.max_length=144"]  # Stage 2 prompts shorter than [train]'s 160: the bundles record them
+            "--set", "stage2.max_length=144",  # Stage 2 prompts shorter than [train]'s 160: the bundles record them
+            "--set", f"router.queries=[{json.dumps(str(general))}]"]
     assert main(args) == 0
     return out, args
 
@@ -37,7 +42,8 @@ def test_bundle_loads_and_routes_its_training_queries(trained):
     out, _ = trained
     reranker = R2RReranker.from_pretrained(out / "bundle", device="cpu", dtype="float32")
     assert sorted(reranker.experts) == ["financial", "general", "legal", "medical"]
-    assert reranker.router is not None and sorted(reranker.router.labels) == ["financial", "legal", "medical"]
+    # the generalist is a route of its own: the router learnt it from the labelled everyday questions
+    assert reranker.router is not None and sorted(reranker.router.labels) == ["financial", "general", "legal", "medical"]
     assert reranker.fallback == "general"  # Stage 1's generalist takes the queries the router is unsure of
     assert reranker.encoder.max_length == 144  # scored at the length the experts were trained at
     general = (out / "bundle" / "experts" / "general" / "adapter_model.safetensors").read_bytes()
@@ -79,7 +85,9 @@ def test_layout_reports_and_ablation_bundles(trained):
     assert single.experts == ["single-lora"] and single.router is None
     assert single.encoder.max_length == 160  # single-lora trains with [train]'s length, which it records
     direct = read_bundle(out / "ablations" / "direct-ft")
-    assert sorted(direct.experts) == ["financial", "legal", "medical"] and direct.router is not None
+    # the ablation swaps the domain experts only; it keeps the router and the generalist it routes to
+    assert sorted(direct.experts) == ["financial", "general", "legal", "medical"] and direct.router is not None
+    assert direct.fallback == "general"
     assert direct.max_length == 144
     # one PNG of every run's loss and dev curve
     assert report["curves"] == str(out / "training_curves.png")

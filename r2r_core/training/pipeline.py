@@ -255,8 +255,13 @@ def _run_recipe(recipe, *, out_dir, resume, max_steps, progress) -> dict:
 
     # ------------------------------------------------------------------ router
     t0 = time.perf_counter()
+    # Stage 1's generalist ships as `general`, the bundle's fallback; with labelled queries of domain `general`
+    # (questions from no domain) it is also a route of the router
+    with_general = recipe.output.stage1 and recipe.output.general_expert
+    fallback = GENERAL_EXPERT if with_general else BASE_ADAPTER
     router_dir = out / "router"
-    router_key = _digest({"router": asdict(recipe.router), "base": recipe.model.base, "domains": domains, "key": key})
+    router_key = _digest({"router": asdict(recipe.router), "base": recipe.model.base, "domains": domains, "key": key,
+                          "fallback": fallback})
     rep_path = router_dir / "router_report.json"
     if resume and _key_of(rep_path) == router_key and (router_dir / "router.safetensors").is_file():
         router = LatentRouter.load(router_dir)
@@ -264,7 +269,8 @@ def _run_recipe(recipe, *, out_dir, resume, max_steps, progress) -> dict:
     else:
         autocast = resolve_precision(recipe.train.precision, backbone.device)
         router, router_report = train_router(model, tokenizer, train_sets, dev_sets, recipe.router,
-                                             labels=domains, progress=progress, autocast_dtype=autocast)
+                                             labels=[*domains, *([GENERAL_EXPERT] if with_general else [])],
+                                             fallback=fallback, progress=progress, autocast_dtype=autocast)
         router_report["key"] = router_key
         router.save(router_dir)
         atomic_json(router_report, rep_path)
@@ -349,15 +355,17 @@ def _run_recipe(recipe, *, out_dir, resume, max_steps, progress) -> dict:
         atomic_json({"runs": sub, "router": router_report, "recipe": recipe.to_dict()}, path / "training_report.json")
         bundles[path.name if path.parent.name == "ablations" else "r2r"] = str(path)
 
+    # Stage 1's generalist serves the queries the router is unsure of (and those it routes to `general`)
+    general = {GENERAL_EXPERT: results["stage1-eag"].adapter_dir} if with_general else {}
     if recipe.output.stage1:
         experts = {d: results[f"stage2-{d}"].adapter_dir for d in domains}
-        if recipe.output.general_expert:  # Stage 1's generalist serves the queries the router is unsure of
-            experts[GENERAL_EXPERT] = results["stage1-eag"].adapter_dir
-        write(out / "bundle", experts, True, ["stage1-eag", *[f"stage2-{d}" for d in domains]],
-              fallback=GENERAL_EXPERT if recipe.output.general_expert else BASE_ADAPTER)
+        write(out / "bundle", {**experts, **general}, True, ["stage1-eag", *[f"stage2-{d}" for d in domains]],
+              fallback=fallback)
     if "direct-ft" in recipe.output.ablations or not recipe.output.stage1:
+        # the ablation swaps the domain experts only: it shares the router, and with it the generalist fallback
         target = out / "ablations" / "direct-ft" if recipe.output.stage1 else out / "bundle"
-        write(target, {d: results[f"direct-{d}"].adapter_dir for d in domains}, True, [f"direct-{d}" for d in domains])
+        write(target, {**{d: results[f"direct-{d}"].adapter_dir for d in domains}, **general}, True,
+              [f"direct-{d}" for d in domains], fallback=fallback)
     if "single-lora" in recipe.output.ablations:
         write(out / "ablations" / "single-lora", {"single-lora": results["single-lora"].adapter_dir}, False,
               ["single-lora"])
@@ -394,7 +402,8 @@ def refit_router(recipe, bundle: str | Path, out: str | Path, *, progress: bool 
                                  trust_remote_code=recipe.model.trust_remote_code)
         autocast = resolve_precision(recipe.train.precision, backbone.device)
         router, report = train_router(backbone.model, backbone.tokenizer, train_sets, dev_sets, recipe.router,
-                                      labels=sorted(config.experts), progress=progress, autocast_dtype=autocast)
+                                      labels=sorted(config.experts), fallback=config.fallback, progress=progress,
+                                      autocast_dtype=autocast)
     meta = {"router_threshold_rule": report["threshold"], "router_recipe": asdict(recipe.router)}
     written = export_bundle(bundle, out, router=router, metadata=meta)
     atomic_json(report, written / "router_report.json")

@@ -18,7 +18,7 @@
   ``ood_keep`` of the held-out queries through (``ood_check=false``: no check); threshold rule ``lodo`` picks
   the smallest threshold at which confident wrong routes (routed, not caught by the distance check, wrong
   domain) are at most ``max_confident_wrong`` of the held-out queries (averaged over datasets). When the
-  ``fallback`` expert is itself a label (labelled queries of domain ``general``: questions from no domain), a
+  bundle's fallback expert (the ``fallback`` argument) is itself a label (labelled queries of domain ``general``: questions from no domain), a
   held-out query routed to it counts as a fallback, like one below the threshold: wrong for accuracy, but no
   confident wrong route. ``keep-correct`` is
   the older rule on the in-distribution dev queries; ``fixed`` uses ``threshold``; ``none`` uses 0.
@@ -94,7 +94,6 @@ class RouterConfig:
     threshold: float = 0.0
     ood_check: bool = True  # send queries far from every domain to the fallback
     ood_keep: float = 0.99  # share of the held-out queries the distance check lets through
-    fallback: str = "general"  # the bundle's fallback expert: a route to it (when it is a label) is no wrong route
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -431,8 +430,12 @@ def _weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: float) ->
     return float(values[order][at])
 
 
-def summarize_lodo(folds: dict[str, HeldOut], labels: Sequence[str], config: RouterConfig) -> dict:
-    """Temperature, distance cut-off and threshold from the held-out folds, and what they do on each fold."""
+def summarize_lodo(folds: dict[str, HeldOut], labels: Sequence[str], config: RouterConfig,
+                   fallback: str | None = None) -> dict:
+    """Temperature, distance cut-off and threshold from the held-out folds, and what they do on each fold.
+
+    ``fallback`` is the bundle's fallback expert: where it is one of ``labels``, a held-out query routed to it
+    lands where an unsure one would, so it counts as a fallback, never as a confident wrong route."""
     names = sorted(folds)
     logits = torch.cat([folds[n].logits for n in names])
     truth = torch.cat([folds[n].truth for n in names])
@@ -446,7 +449,7 @@ def summarize_lodo(folds: dict[str, HeldOut], labels: Sequence[str], config: Rou
     ok = pred == truth
     cutoff = _weighted_quantile(dist, weights, config.ood_keep) if config.ood_check else None
     far = dist > cutoff if cutoff is not None else torch.zeros(len(dist), dtype=torch.bool)
-    to_fallback = (pred == list(labels).index(config.fallback) if config.fallback in labels
+    to_fallback = (pred == list(labels).index(fallback) if fallback in labels
                    else torch.zeros(len(pred), dtype=torch.bool))
     kept = ~far & ~to_fallback  # queries routed to a domain expert if confident enough
 
@@ -534,14 +537,15 @@ class RouterFit(NamedTuple):
     folds: dict[str, HeldOut]
 
 
-def fit_router(features: torch.Tensor, rows: Sequence[RoutingExample], labels: Sequence[str], config: RouterConfig
-               ) -> RouterFit:
+def fit_router(features: torch.Tensor, rows: Sequence[RoutingExample], labels: Sequence[str], config: RouterConfig,
+               fallback: str | None = None) -> RouterFit:
     """The router for ``rows`` (their ``features``): the leave-one-dataset-out folds and their summary
     (:func:`summarize_lodo`), and the head fitted on all rows with the temperature and distance cut-off the folds
-    chose (its threshold is set by :func:`train_router`)."""
+    chose (its threshold is set by :func:`train_router`). ``fallback``: the bundle's fallback expert, as in
+    :func:`summarize_lodo`."""
     labels = list(labels)
     folds, unmeasured = lodo_predictions(features, rows, labels, config) if len(labels) >= 2 else ({}, {})
-    lodo = summarize_lodo(folds, labels, config) if folds else None
+    lodo = summarize_lodo(folds, labels, config, fallback) if folds else None
     router = _fit_head(features, rows, labels, config, config.seed)
     if lodo is not None:
         router.temperature = lodo["temperature"]
@@ -557,6 +561,7 @@ def train_router(
     config: RouterConfig,
     *,
     labels: Sequence[str] | None = None,
+    fallback: str | None = None,
     progress: bool = True,
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[LatentRouter, dict]:
@@ -565,7 +570,8 @@ def train_router(
 
     ``labels`` are the experts the router may route to (default: the training rows' domains); an expert without
     training rows (such as the ``general`` fallback) is left out of the router, and a training domain without an
-    expert is an error. ``autocast_dtype`` (e.g. bf16) speeds up encoding; the head is fitted in fp32."""
+    expert is an error. ``fallback`` is the bundle's fallback expert (a route to it, where it is a label, is no
+    wrong route: :func:`summarize_lodo`). ``autocast_dtype`` (e.g. bf16) speeds up encoding; the head is fitted in fp32."""
     rows = routing_examples(train_datasets, config)
     if not rows:
         raise ValueError("the router has no training queries")
@@ -582,7 +588,7 @@ def train_router(
     index = {t: i for i, t in enumerate(texts)}
     x = feats[[index[r.text] for r in rows]]
 
-    router, lodo, unmeasured, _ = fit_router(x, rows, labels, config)
+    router, lodo, unmeasured, _ = fit_router(x, rows, labels, config, fallback)
     queries = [r for r in rows if r.kind == QUERY]
     kinds = Counter((r.dataset, r.kind) for r in rows)
     report: dict = {
