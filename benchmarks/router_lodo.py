@@ -205,7 +205,7 @@ def search_space(base: RouterConfig, which: str) -> list[tuple[str, RouterConfig
 
 
 def main(argv=None) -> dict:
-    from r2r_core.training.pipeline import load_datasets
+    from r2r_core.data import load_datasets
     from r2r_core.training.recipe import load_recipe
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,7 +226,8 @@ def main(argv=None) -> dict:
         recipe = recipe.with_overrides([f"router.{s}" for s in args.set])
     base = recipe.router
     paths = [Path(args.data)]
-    train, dev = load_datasets(paths, "train"), load_datasets(paths, "dev", require=False)
+    train = load_datasets(paths, "train", duplicate_names="error")
+    dev = load_datasets(paths, "dev", required=False, duplicate_names="error")
     cache = FeatureCache(Path(args.cache), args.base)
     probes = probe_queries()
     variants = [("recipe", base)] + (search_space(base, args.search) if args.search else [])

@@ -60,7 +60,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from r2r_core import R2RReranker
     from r2r_core.bundle import export_bundle, is_bundle
     from r2r_core.calibration import collect_margins, fit_calibration
-    from r2r_core.evaluation.cli import load_datasets
+    from r2r_core.data import load_datasets
     from r2r_core.reranker import _model_path
 
     if min(args.max_queries, args.max_candidates) < 1:

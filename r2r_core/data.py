@@ -30,6 +30,7 @@ __all__ = [
     "available_splits",
     "find_datasets",
     "load_beir",
+    "load_datasets",
     "read_corpus",
     "read_qrels",
     "read_queries",
@@ -388,3 +389,46 @@ def find_datasets(root: Path | str) -> list[Path]:
         if "corpus.jsonl" in files:
             found.append(Path(current))
     return sorted(found)
+
+
+def load_datasets(paths, split: str, *, required: bool = True, duplicate_names: str = "qualify") -> list[BeirDataset]:
+    """``split`` of every BEIR dataset folder at or below each of ``paths`` (a dataset folder, or a folder
+    holding several), in order, each folder once.
+
+    Every path must exist and hold at least one dataset folder. With ``required`` a path that is itself one
+    dataset folder must have ``split``, and a path holding several must have it in at least one (the others are
+    skipped with a warning); without it every folder lacking ``split`` is skipped with a warning, possibly all.
+    Two datasets of the same folder name are renamed ``<parent>-<name>`` (``duplicate_names="qualify"``) or
+    refused (``"error"``, where names key reports and training rows)."""
+    if duplicate_names not in ("qualify", "error"):
+        raise ValueError(f"`duplicate_names` must be 'qualify' or 'error', got {duplicate_names!r}")
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    folders: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: data folder does not exist")
+        found = find_datasets(path)
+        if not found:
+            raise FileNotFoundError(
+                f"{path}: not a BEIR-format folder: no corpus.jsonl in it or below it "
+                "(expected corpus.jsonl, queries.jsonl, qrels/<split>.tsv, runs/<split>.trec)")
+        with_split = [f for f in found if split in available_splits(f)]
+        if required and not with_split:
+            where = "this dataset" if found == [path] else "any dataset below it"
+            raise FileNotFoundError(f"{path}: no qrels/{split}.tsv in {where} (splits: "
+                                    f"{sorted({s for f in found for s in available_splits(f)}) or 'none'})")
+        for f in found:
+            if f not in with_split:
+                logger.warning("%s: no qrels/%s.tsv (splits: %s), skipped", f, split, available_splits(f) or "none")
+        folders.extend(f for f in with_split if f not in folders)
+    datasets = [load_beir(f, split) for f in folders]
+    counts = Counter(ds.name for ds in datasets)
+    dupes = sorted(n for n, c in counts.items() if c > 1)
+    if dupes and duplicate_names == "error":
+        raise ValueError(f"dataset folder names must be unique, got duplicates {dupes} under {list(paths)}")
+    for ds in datasets:
+        if counts[ds.name] > 1:
+            ds.name = f"{ds.root.parent.name}-{ds.root.name}"
+    return datasets

@@ -14,6 +14,7 @@ from r2r_core.data import (
     available_splits,
     find_datasets,
     load_beir,
+    load_datasets,
 )
 
 SHARED = Path("/work/shared/data")
@@ -213,6 +214,30 @@ def test_find_datasets(tmp_path):
     assert find_datasets(tmp_path / "routing") == []
     with pytest.raises(FileNotFoundError):
         find_datasets(tmp_path / "missing")
+
+
+def test_load_datasets_skips_folders_without_the_split_and_names_what_is_wrong(tmp_path, caplog):
+    """One loader for training and evaluation: a root's folders without the split are skipped with a warning, a
+    named dataset folder without it is an error, and same-named folders are qualified or refused."""
+    a = write_beir(tmp_path / "legal" / "alpha")
+    write_beir(tmp_path / "medical" / "beta", split="train")
+    dup = write_beir(tmp_path / "other" / "alpha")
+    got = load_datasets([tmp_path, a], "test")  # a twice: loaded once
+    assert [d.root for d in got] == [a, dup]
+    assert [d.name for d in got] == ["legal-alpha", "other-alpha"]
+    assert "beta" in caplog.text and "skipped" in caplog.text
+    with pytest.raises(ValueError, match="must be unique.*alpha"):
+        load_datasets(tmp_path, "test", duplicate_names="error")
+    with pytest.raises(FileNotFoundError, match=r"no qrels/test.tsv in this dataset \(splits: \['train'\]\)"):
+        load_datasets(tmp_path / "medical" / "beta", "test")
+    assert load_datasets(tmp_path / "medical", "test", required=False) == []
+    with pytest.raises(FileNotFoundError, match="no qrels/test.tsv in any dataset below it"):
+        load_datasets(tmp_path / "medical", "test")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_datasets(tmp_path / "missing", "test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a BEIR-format folder"):
+        load_datasets(tmp_path / "empty", "test")
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared data folder not present")

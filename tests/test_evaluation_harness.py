@@ -241,7 +241,7 @@ def test_eval_bad_folders(tmp_path, caplog):
     assert "dev.trec:1" in caplog.text and "6 fields" in caplog.text
     caplog.clear()
     assert cli(["--data", str(bad), "--split", "test", "--out", out, "--systems", "first-stage"]) == 2
-    assert "no qrels for split 'test'" in caplog.text
+    assert "no qrels/test.tsv in this dataset (splits: ['dev'])" in caplog.text
     caplog.clear()
     assert cli(["--data", str(bad), "--split", "dev", "--out", out, "--threads", "0"]) == 2
     assert "--threads must be >= 1" in caplog.text

@@ -43,7 +43,8 @@ def test_bundle_loads_and_routes_its_training_queries(trained):
     reranker = R2RReranker.from_pretrained(out / "bundle", device="cpu", dtype="float32")
     assert sorted(reranker.experts) == ["financial", "general", "legal", "medical"]
     # the generalist is a route of its own: the router learnt it from the labelled everyday questions
-    assert reranker.router is not None and sorted(reranker.router.labels) == ["financial", "general", "legal", "medical"]
+    assert reranker.router is not None
+    assert sorted(reranker.router.labels) == ["financial", "general", "legal", "medical"]
     assert reranker.fallback == "general"  # Stage 1's generalist takes the queries the router is unsure of
     assert reranker.encoder.max_length == 144  # scored at the length the experts were trained at
     general = (out / "bundle" / "experts" / "general" / "adapter_model.safetensors").read_bytes()

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..data import BeirDataset, DataFormatError, available_splits, find_datasets, load_beir
+from ..data import DataFormatError, load_datasets
 from ..lora_fold import BASE_ADAPTER
 from .fusion import FUSION_METHODS
 from .harness import EvalConfig, evaluate
@@ -15,7 +15,7 @@ from .systems import MAIN_SYSTEMS, FirstStageSystem, MiniLMSystem, RerankerSyste
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_systems", "load_datasets", "parse_systems", "register", "run_eval"]
+__all__ = ["build_systems", "parse_systems", "register", "run_eval"]
 
 SYSTEM_CHOICES = (*MAIN_SYSTEMS, "forgetting", "all")
 
@@ -105,37 +105,6 @@ def parse_systems(values: list[str]) -> tuple[list[str], bool]:
         raise ValueError(f"--systems is empty; choose from {list(SYSTEM_CHOICES)}")
     wanted = set(MAIN_SYSTEMS) if "all" in names else set(names)
     return [s for s in MAIN_SYSTEMS if s in wanted], "forgetting" in names
-
-
-def load_datasets(dirs: list[str | Path], split: str) -> list[BeirDataset]:
-    """Load ``split`` of every dataset under each dir; names are made unique with the parent folder."""
-    roots: list[Path] = []
-    for d in dirs:
-        d = Path(d)
-        if not d.is_dir():
-            raise FileNotFoundError(f"{d}: --data folder does not exist")
-        found = find_datasets(d)
-        if not found:
-            raise FileNotFoundError(
-                f"{d}: not a BEIR-format folder: no corpus.jsonl in it or below it "
-                "(expected corpus.jsonl, queries.jsonl, qrels/<split>.tsv, runs/<split>.trec)"
-            )
-        if len(found) > 1:
-            without = [r for r in found if split not in available_splits(r)]
-            for r in without:
-                logger.warning("%s: no qrels/%s.tsv (splits: %s), skipped", r, split, available_splits(r) or "none")
-            found = [r for r in found if r not in without]
-            if not found:
-                raise FileNotFoundError(f"{d}: no dataset below it has a {split!r} split")
-        roots.extend(r for r in found if r not in roots)
-    datasets = [load_beir(r, split) for r in roots]
-    counts: dict[str, int] = {}
-    for ds in datasets:
-        counts[ds.name] = counts.get(ds.name, 0) + 1
-    for ds in datasets:
-        if counts[ds.name] > 1:
-            ds.name = f"{ds.root.parent.name}-{ds.root.name}"
-    return datasets
 
 
 def _load_reranker(cache: dict, name_or_path: str, args) -> object:

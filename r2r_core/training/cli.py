@@ -101,9 +101,9 @@ def build_recipe(args: argparse.Namespace):
 def _abstraction_only(recipe, target: str) -> int:
     from r2r_core.training.abstraction import Abstractor, build_detector, corpus_sample, report_markdown
     from r2r_core.training.curation import curate
-    from r2r_core.training.pipeline import load_datasets
+    from r2r_core.training.pipeline import recipe_datasets
 
-    datasets = load_datasets(recipe.resolve_data_paths(), recipe.data.train_split)
+    _, datasets, _ = recipe_datasets(recipe)
     groups, _ = curate(datasets, recipe.curation)
     detector = build_detector(corpus_sample(datasets, recipe.abstraction), recipe.abstraction)
     abstractor = Abstractor(detector, seed=recipe.abstraction.seed, propagate=recipe.abstraction.propagate,

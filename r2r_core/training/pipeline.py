@@ -37,7 +37,7 @@ from r2r_core.training.checkpoint import atomic_json, atomic_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GENERAL_EXPERT", "load_datasets", "run_recipe"]
+__all__ = ["GENERAL_EXPERT", "recipe_datasets", "run_recipe"]
 
 GENERAL_EXPERT = "general"  # the bundle's generalist expert: Stage 1's adapter, the router's fallback
 
@@ -51,33 +51,6 @@ def _key_of(path: Path) -> str | None:
         return json.loads(path.read_text(encoding="utf-8")).get("key")
     except (OSError, ValueError):
         return None
-
-
-def load_datasets(paths, split: str | None, *, require: bool = True):
-    """Every BEIR dataset folder at or below ``paths`` that has ``split`` (names must be unique)."""
-    from r2r_core.data import available_splits, find_datasets, load_beir
-
-    if split is None:
-        return []
-    found = []
-    for root in paths:
-        folders = find_datasets(root)
-        if not folders:
-            raise FileNotFoundError(f"{root}: no BEIR dataset folder (with corpus.jsonl) at or below it")
-        found.extend(folders)
-    datasets = []
-    for folder in found:
-        if split not in available_splits(folder):
-            if require:
-                raise FileNotFoundError(f"{folder}/qrels/{split}.tsv: no {split!r} split in this dataset")
-            logger.warning("%s has no %r split; skipped for it", folder, split)
-            continue
-        datasets.append(load_beir(folder, split))
-    names = [d.name for d in datasets]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"dataset folder names must be unique, got duplicates {dupes} under {paths}")
-    return datasets
 
 
 def _template(recipe, tokenizer):
@@ -123,13 +96,17 @@ def _recipe_threads(recipe) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _recipe_data(recipe) -> tuple[list[Path], list, list]:
-    """The recipe's data folders, and its train and dev datasets (no dev split: none)."""
+def recipe_datasets(recipe) -> tuple[list[Path], list, list]:
+    """The recipe's data folders, and its train and dev datasets (no dev split: none). Dataset folder names
+    must be unique: they key the training rows and the reports."""
+    from r2r_core.data import load_datasets
+
     paths = recipe.resolve_data_paths()
     if not paths:
         raise ValueError("no data: give --data DIR (repeatable) or [data] paths in the recipe")
-    train_sets = load_datasets(paths, recipe.data.train_split)
-    dev_sets = load_datasets(paths, recipe.data.dev_split, require=False) if recipe.data.dev_split else []
+    train_sets = load_datasets(paths, recipe.data.train_split, duplicate_names="error")
+    dev_sets = (load_datasets(paths, recipe.data.dev_split, required=False, duplicate_names="error")
+                if recipe.data.dev_split else [])
     return paths, train_sets, dev_sets
 
 
@@ -215,7 +192,7 @@ def _run_recipe(recipe, *, out_dir, resume, max_steps, progress) -> dict:
 
     # ------------------------------------------------------------------ data
     t0 = time.perf_counter()
-    paths, train_sets, dev_sets = _recipe_data(recipe)
+    paths, train_sets, dev_sets = recipe_datasets(recipe)
     timings: dict[str, float] = {}
     report: dict = {"recipe": recipe.to_dict(), "data_paths": [str(p) for p in paths], "runs": {}}
     data_dir = out / "data"
@@ -397,7 +374,7 @@ def refit_router(recipe, bundle: str | Path, out: str | Path, *, progress: bool 
 
     config = read_bundle(bundle)
     with _recipe_threads(recipe):
-        _, train_sets, dev_sets = _recipe_data(recipe)
+        _, train_sets, dev_sets = recipe_datasets(recipe)
         backbone = load_backbone(config.base_model, device=recipe.model.device, dtype=recipe.model.dtype,
                                  trust_remote_code=recipe.model.trust_remote_code)
         autocast = resolve_precision(recipe.train.precision, backbone.device)

@@ -18,10 +18,10 @@
   ``ood_keep`` of the held-out queries through (``ood_check=false``: no check); threshold rule ``lodo`` picks
   the smallest threshold at which confident wrong routes (routed, not caught by the distance check, wrong
   domain) are at most ``max_confident_wrong`` of the held-out queries (averaged over datasets). When the
-  bundle's fallback expert (the ``fallback`` argument) is itself a label (labelled queries of domain ``general``: questions from no domain), a
-  held-out query routed to it counts as a fallback, like one below the threshold: wrong for accuracy, but no
-  confident wrong route. ``keep-correct`` is
-  the older rule on the in-distribution dev queries; ``fixed`` uses ``threshold``; ``none`` uses 0.
+  bundle's fallback expert (the ``fallback`` argument) is itself a label (labelled queries of domain
+  ``general``: questions from no domain), a held-out query routed to it counts as a fallback, like one below the
+  threshold: wrong for accuracy, but no confident wrong route. ``keep-correct`` is the older rule on the
+  in-distribution dev queries; ``fixed`` uses ``threshold``; ``none`` uses 0.
 * **Report**: per held-out dataset its accuracy, where its queries went, its confident-wrong and fallback shares;
   their mean and minimum; the temperature, threshold and cut-off; and on the dev queries (in distribution)
   accuracy, macro-F1, per-domain precision/recall/F1 and the confusion matrix.
@@ -571,7 +571,8 @@ def train_router(
     ``labels`` are the experts the router may route to (default: the training rows' domains); an expert without
     training rows (such as the ``general`` fallback) is left out of the router, and a training domain without an
     expert is an error. ``fallback`` is the bundle's fallback expert (a route to it, where it is a label, is no
-    wrong route: :func:`summarize_lodo`). ``autocast_dtype`` (e.g. bf16) speeds up encoding; the head is fitted in fp32."""
+    wrong route: :func:`summarize_lodo`). ``autocast_dtype`` (e.g. bf16) speeds up encoding; the head is fitted
+    in fp32."""
     rows = routing_examples(train_datasets, config)
     if not rows:
         raise ValueError("the router has no training queries")
