@@ -9,6 +9,8 @@ lines, on the same seeded query sample of every dataset::
     python benchmarks/learning_curve.py --out benchmarks/learning_curve.json \
         --plot benchmarks/plots/learning_curve.png --point 0=base --point 1600=runs/v3/snapshots/stage1-eag-100.pt \
         --point 8704=r2r_core/default_bundle/experts/general
+    python benchmarks/learning_curve.py --base r2r/gemma-3-270m-Q4_K_M --like runs/gemma/runs/stage1-eag/adapter \
+        --out gemma_curve.json --point 0=base --point 1600=runs/gemma/snapshots/step100.pt   # another backbone
 
 Finished (point, dataset) runs are cached under ``--cache`` (default: beside ``--out``), so an interrupted run
 continues where it stopped when started again with the same arguments.
@@ -108,6 +110,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--split", default="dev")
     ap.add_argument("--max-queries", type=int, default=50)
     ap.add_argument("--max-candidates", type=int, default=10)
+    ap.add_argument("--base", default="default",
+                    help="the backbone the points were trained on: 'default' (the shipped bundle's) or a model id, "
+                         "e.g. r2r/gemma-3-270m-Q4_K_M")
     ap.add_argument("--like", default=str(DEFAULT_BUNDLE_DIR / "experts" / "general"),
                     help="adapter folder whose adapter_config.json the checkpoints were trained with")
     ap.add_argument("--out", required=True)
@@ -122,7 +127,7 @@ def main(argv=None) -> dict:
     points = sorted(args.point)
     if len({p for p, _ in points}) != len(points):
         raise SystemExit("two points have the same number of pairs")
-    reranker = R2RReranker.from_pretrained("default", max_length=args.max_length)
+    reranker = R2RReranker.from_pretrained(args.base, max_length=args.max_length)
     systems = [FirstStageSystem(), MiniLMSystem()]
     with tempfile.TemporaryDirectory(prefix="r2r-curve-") as tmp:
         for pairs, path in points:
@@ -145,7 +150,7 @@ def main(argv=None) -> dict:
            for name, res in results["systems"].items()}
     report = {
         "config": {"split": args.split, "max_queries": args.max_queries, "max_candidates": args.max_candidates,
-                   "metric": metric},
+                   "metric": metric, "base": args.base},
         "datasets": [d.name for d in datasets],
         "queries": {d: info["evaluated_queries"] for d, info in results["datasets"].items()},
         "baselines": {b: per[b] for b in ("first-stage", "minilm")},
