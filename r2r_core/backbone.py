@@ -156,17 +156,18 @@ def _find_gguf(model_id: str = DEFAULT_BASE) -> Path:
     an earlier assembly), or its installed chunks assembled there now. Without the packages, a
     FileNotFoundError gives the install command; the cache is not touched."""
     base = offline_base(model_id)
-    if len(base.parts) == 1:
-        path = _dist_file(*base.parts[0])
-        if path is not None:
-            return path
     target = cache_dir() / "gguf" / base.gguf_name
+    if len(base.parts) == 1:  # one package holds the whole file
+        path = _dist_file(*base.parts[0])
+        if path is None and not target.is_file():
+            raise _missing_error(base, [base.parts[0][0]])
+        return path if path is not None else target
     if target.is_file():
         return target
     found = [_dist_file(d, f) for d, f in base.parts]
     missing = [d for (d, _), p in zip(base.parts, found) if p is None]
-    if missing or len(found) == 1:
-        raise _missing_error(base, missing or [base.parts[0][0]])
+    if missing:
+        raise _missing_error(base, missing)
     logger.info("Assembling %s from %d installed parts into %s (once)", base.gguf_name, len(found), target)
     return atomic_concat(found, target, base.sha256)
 
