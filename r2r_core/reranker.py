@@ -50,10 +50,15 @@ def resolve_max_length(name_or_path: str | Path, max_length: int | None = None) 
     in its ``r2r.json``); else :data:`~r2r_core.scoring.DEFAULT_MAX_LENGTH` (512), for a plain causal LM or a
     bundle that records none. Reads only ``r2r.json``: no model is loaded.
     """
+    path = _model_path(name_or_path)
+    return _max_length(read_bundle(path) if max_length is None and is_bundle(path) else None, max_length)
+
+
+def _max_length(config, max_length: int | None) -> int:
+    """:func:`resolve_max_length` for a bundle already read (``config``; None for a plain causal LM)."""
     if max_length is not None:
         return check_max_length(max_length)
-    path = _model_path(name_or_path)
-    trained = read_bundle(path).max_length if is_bundle(path) else None
+    trained = config.max_length if config is not None else None
     return DEFAULT_MAX_LENGTH if trained is None else trained
 
 
@@ -168,14 +173,15 @@ class R2RReranker:
             raise ValueError(f"`name_or_path` must be 'default', a bundle folder or a model id, got {name_or_path!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
-        max_length = resolve_max_length(name_or_path, max_length)
+        path = _model_path(name_or_path)
+        config = read_bundle(path) if is_bundle(path) else None  # r2r.json, read once
+        max_length = _max_length(config, max_length)
         if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
             raise ValueError(f"`instruction` must be a non-empty string or None, got {instruction!r}")
-        path = _model_path(name_or_path)
-        if is_bundle(path):
-            self = cls._from_bundle(path, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
-                                    trust_remote_code=trust_remote_code, template=template, instruction=instruction,
-                                    use_prefix_cache=use_prefix_cache)
+        if config is not None:
+            self = cls._from_bundle(path, config, device=device, dtype=dtype, batch_size=batch_size,
+                                    max_length=max_length, trust_remote_code=trust_remote_code, template=template,
+                                    instruction=instruction, use_prefix_cache=use_prefix_cache)
         elif str(name_or_path) == "default":
             raise FileNotFoundError(f"the default bundle is missing ({DEFAULT_BUNDLE_DIR / 'r2r.json'}); "
                                     "reinstall r2r-rerank")
@@ -196,8 +202,7 @@ class R2RReranker:
         return self
 
     @classmethod
-    def _from_bundle(cls, path: Path, *, template=None, instruction=None, **kwargs) -> R2RReranker:
-        config = read_bundle(path)
+    def _from_bundle(cls, path: Path, config, *, template=None, instruction=None, **kwargs) -> R2RReranker:
         base = config.base_model
         backbone = load_backbone(base, device=kwargs["device"], dtype=kwargs["dtype"],
                                  trust_remote_code=kwargs["trust_remote_code"])
