@@ -34,6 +34,7 @@ __all__ = [
     "engine_name",
     "engine_options",
     "event_model_name",
+    "load_defaults",
     "resolve_engine",
 ]
 
@@ -229,3 +230,10 @@ class EngineOptions(BaseModel):
     def engine(self) -> R2RReranker:
         """The loaded :class:`r2r_core.R2RReranker` (pass it as ``reranker=`` to share it)."""
         return self._engine
+
+
+def load_defaults() -> dict[str, Any]:
+    """The default of every loading field (:data:`LOAD_FIELDS`), from :class:`EngineOptions`: the one table an
+    adapter that is no pydantic model (``R2RCrossEncoder``) compares its arguments with."""
+    return {n: EngineOptions.model_fields[n].get_default(call_default_factory=True) for n in LOAD_FIELDS}
+

@@ -14,7 +14,13 @@ from typing import Any
 from langchain_core.cross_encoders import BaseCrossEncoder
 
 from r2r_core import R2RReranker
-from r2r_core.integration import check_engine_kwargs, check_max_length, check_positive, resolve_engine
+from r2r_core.integration import (
+    check_engine_kwargs,
+    check_max_length,
+    check_positive,
+    load_defaults,
+    resolve_engine,
+)
 
 __all__ = ["R2RCrossEncoder"]
 
@@ -36,11 +42,10 @@ class R2RCrossEncoder(BaseCrossEncoder):
                  dtype: str = "auto", batch_size: int = 16, max_length: int | None = None,
                  template: str | None = None, instruction: str | None = None, trust_remote_code: bool = False,
                  engine_kwargs: dict[str, Any] | None = None, expert: str | None = None):
-        given = {name for name, value, default in (
-            ("model", model, "default"), ("device", device, None), ("dtype", dtype, "auto"),
-            ("batch_size", batch_size, 16), ("max_length", max_length, None), ("template", template, None),
-            ("instruction", instruction, None), ("trust_remote_code", trust_remote_code, False),
-            ("engine_kwargs", engine_kwargs, None)) if value != default}
+        values = {"model": model, "device": device, "dtype": dtype, "batch_size": batch_size,
+                  "max_length": max_length, "template": template, "instruction": instruction,
+                  "trust_remote_code": trust_remote_code, "engine_kwargs": engine_kwargs or {}}
+        given = {name for name, default in load_defaults().items() if values[name] != default}
         self.expert = expert
         self.engine = resolve_engine(
             reranker, given, model=model, device=device, dtype=dtype,

@@ -65,6 +65,18 @@ def test_cross_encoder_reranker_uses_r2r(tiny_reranker):
         assert [d.id for d in out] == [ids[r.index] for r in tiny_reranker.rerank(query, corpus_texts(), top_n=3)]
 
 
+def test_cross_encoder_defaults_are_the_adapters_defaults():
+    """R2RCrossEncoder is no pydantic model: its signature repeats the loading defaults, which must be those of
+    the other adapters (EngineOptions), or an option left at its default would count as given."""
+    import inspect
+
+    from r2r_core.integration import load_defaults
+
+    params = inspect.signature(R2RCrossEncoder.__init__).parameters
+    own = {n: params[n].default for n in load_defaults()}
+    assert {**own, "engine_kwargs": own["engine_kwargs"] or {}} == load_defaults()
+
+
 def test_cross_encoder_scores_pairs_of_mixed_queries_in_order(tiny_reranker):
     queries = list(QUERIES)
     assert len({tiny_reranker.route(q).expert for q in queries}) >= 2  # the pairs mix experts
