@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -29,31 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-ADAPTER_FILE = "adapter_model.safetensors"
-
-
-def lora_tensors(source: str | Path) -> dict:
-    """The LoRA tensors of ``source`` (adapter folder, trainer checkpoint or ``best.safetensors``), named as in a
-    saved peft adapter (``...lora_A.weight``), in fp32."""
-    from safetensors.torch import load_file
-
-    from r2r_core.training.checkpoint import load_checkpoint
-
-    path = Path(source)
-    if path.is_dir():
-        if not (path / ADAPTER_FILE).is_file():
-            raise FileNotFoundError(f"{path}: no {ADAPTER_FILE} (not a peft adapter folder)")
-        raw = load_file(str(path / ADAPTER_FILE))
-    elif path.suffix == ".safetensors":
-        raw = load_file(str(path))
-    elif path.is_file():
-        raw = load_checkpoint(path)["trainable"]
-    else:
-        raise FileNotFoundError(f"{path}: no such adapter folder or checkpoint")
-    out = {re.sub(r"\.lora_(A|B)\.[^.]+\.weight$", r".lora_\1.weight", k): v.float() for k, v in raw.items()}
-    if not out or not all(".lora_" in k for k in out):
-        raise ValueError(f"{path}: holds no LoRA tensors")
-    return out
+from r2r_core.training.averaging import ADAPTER_FILE, weighted_mean  # noqa: E402
 
 
 def parse_sources(spec: str) -> list[tuple[str, float]]:
@@ -69,22 +44,6 @@ def parse_sources(spec: str) -> list[tuple[str, float]]:
             raise ValueError(f"bad source {part!r}: PATH or PATH@W with W > 0")
         out.append((path, w))
     return out
-
-
-def average(sources: list[tuple[str, float]]) -> dict:
-    """The weighted mean of the sources' LoRA tensors; every source must have the same names and shapes."""
-    total = sum(w for _, w in sources)
-    mean: dict = {}
-    names = None
-    for path, w in sources:
-        tensors = lora_tensors(path)
-        if names is None:
-            names = {k: tuple(v.shape) for k, v in tensors.items()}
-        elif {k: tuple(v.shape) for k, v in tensors.items()} != names:
-            raise ValueError(f"{path}: its LoRA tensors differ in names or shapes from {sources[0][0]}'s")
-        for k, v in tensors.items():
-            mean[k] = mean.get(k, 0) + v * (w / total)
-    return mean
 
 
 def main(argv=None) -> dict:
@@ -117,7 +76,7 @@ def main(argv=None) -> dict:
         for name, sources in plan.items():
             target = staged / config.experts[name] / ADAPTER_FILE
             old = load_file(str(target))
-            mean = average(sources)
+            mean = weighted_mean(sources)
             if set(mean) != set(old) or any(tuple(mean[k].shape) != tuple(old[k].shape) for k in old):
                 raise SystemExit(f"--expert {name}: the sources' LoRA tensors do not match the bundle's adapter")
             save_file({k: mean[k].to(old[k].dtype).contiguous() for k in old}, str(target))

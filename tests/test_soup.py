@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.soup import average, main, parse_sources
+from benchmarks.soup import main, parse_sources
+from r2r_core.training.averaging import weighted_mean
 
 
 def test_weights_parse_and_bad_ones_are_refused():
@@ -21,7 +22,7 @@ def test_weights_parse_and_bad_ones_are_refused():
 def test_the_soup_is_the_weighted_mean_of_each_lora_tensor(tiny_bundle_dir, tiny_adapters, tmp_path):
     legal, medical = tiny_adapters["legal"], tiny_adapters["medical"]
     a, b = (load_file(str(p / "adapter_model.safetensors")) for p in (legal, medical))
-    mean = average([(str(legal), 3.0), (str(medical), 1.0)])
+    mean = weighted_mean([(str(legal), 3.0), (str(medical), 1.0)])
     assert set(mean) == set(a)
     for k in a:
         torch.testing.assert_close(mean[k], 0.75 * a[k].float() + 0.25 * b[k].float())

@@ -313,3 +313,46 @@ def test_resume_after_a_kill_mid_log_write(backbone, template, tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert res.completed and steps == list(range(1, 7))
+
+
+def test_the_adapter_is_the_mean_of_the_last_snapshots_and_survives_a_resume(backbone, template, tmp_path):
+    from r2r_core.training.averaging import lora_tensors
+
+    cfg = _config(steps=12, eval_every=100, save_every=100, average_every=4, average_last=2)
+    res = train_adapter(backbone.model, backbone.tokenizer, template, "judge", _groups(), cfg, tmp_path / "a",
+                        dev=_dev(), progress=False)
+    snaps = tmp_path / "a" / "snapshots"
+    assert sorted(p.name for p in snaps.iterdir()) == ["step12.safetensors", "step4.safetensors",
+                                                      "step8.safetensors"]
+    assert res.averaged_steps == [8, 12] and res.average_metric is not None
+    assert json.loads((tmp_path / "a" / "done.json").read_text())["averaged_steps"] == [8, 12]
+    s8, s12 = (load_file(str(snaps / f"step{s}.safetensors")) for s in (8, 12))
+    assert all(t.dtype == torch.bfloat16 for t in s12.values())
+    adapter = lora_tensors(tmp_path / "a" / "adapter")
+    assert len(adapter) == len(s12)
+    for name, mean in lora_tensors(tmp_path / "a" / "adapter").items():
+        key = name.replace(".weight", ".default.weight")
+        torch.testing.assert_close(mean, (s8[key].float() + s12[key].float()) / 2)
+    assert not torch.equal(s8[key], s12[key]), "the snapshots are of different steps"
+
+    # killed after step 6 (the checkpoint of step 4 is the last), resumed: the same snapshots and the same mean
+    train_adapter(backbone.model, backbone.tokenizer, template, "judge", _groups(), cfg, tmp_path / "b",
+                  dev=_dev(), progress=False, stop_after=6)
+    resumed = train_adapter(backbone.model, backbone.tokenizer, template, "judge", _groups(), cfg, tmp_path / "b",
+                            dev=_dev(), progress=False)
+    assert resumed.averaged_steps == [8, 12]
+    for name, t in lora_tensors(tmp_path / "b" / "adapter").items():
+        torch.testing.assert_close(t, adapter[name], rtol=0, atol=0)
+
+    # a fresh run in the same folder starts without the old snapshots
+    train_adapter(backbone.model, backbone.tokenizer, template, "judge", _groups(),
+                  _config(steps=4, eval_every=100, save_every=100, average_every=3), tmp_path / "a", resume=False,
+                  progress=False)
+    assert sorted(p.name for p in snaps.iterdir()) == ["step3.safetensors", "step4.safetensors"]
+
+
+def test_averaging_settings_are_checked():
+    with pytest.raises(ValueError, match="average_every"):
+        _config(average_every=0)
+    with pytest.raises(ValueError, match="average_last"):
+        _config(average_every=2, average_last=0)

@@ -18,6 +18,12 @@ step, best score), ``best.safetensors`` (the best adapter so far), ``metrics.jso
 pure function of (seed, epoch), so the step counter is the data cursor; a killed run restarted with
 ``resume=True`` continues from its last checkpoint and ends with exactly the weights an uninterrupted run
 gives (as long as no wall-clock budget cut it short).
+
+**Weight averaging.** With ``average_every = N`` the run also keeps its LoRA weights every N steps (and at the
+last) as ``snapshots/step<N>.safetensors`` (bf16), and its adapter is the mean of the last ``average_last`` of
+them (:mod:`r2r_core.training.averaging`): late in a linear decay that mean beats any single checkpoint, on
+dev measures finer than the trainer's own subsample (``benchmarks/RESULTS.md``). The mean is scored on dev and
+reported beside the best single checkpoint (``average_metric``, ``best_metric`` in ``done.json``).
 """
 
 from __future__ import annotations
@@ -123,12 +129,15 @@ class TrainConfig:
     eval_batch_size: int = 16
     shared_prefix: bool = True
     max_time_s: float | None = None
+    average_every: int | None = None  # keep the LoRA weights every that many steps in snapshots/ (None: off) ...
+    average_last: int = 3  # ... and write as the run's adapter the mean of its last this many snapshots
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
-        for name in ("steps", "groups_per_batch", "grad_accum", "eval_every", "save_every", "eval_batch_size"):
+        for name in ("steps", "groups_per_batch", "grad_accum", "eval_every", "save_every", "eval_batch_size",
+                     "average_last"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
@@ -148,6 +157,9 @@ class TrainConfig:
             raise ValueError(f"`metric` must be one of {METRICS}, got {self.metric!r}")
         if self.max_time_s is not None and not self.max_time_s > 0:
             raise ValueError(f"`max_time_s` must be > 0 or None, got {self.max_time_s!r}")
+        if self.average_every is not None and (isinstance(self.average_every, bool)
+                                               or not isinstance(self.average_every, int) or self.average_every < 1):
+            raise ValueError(f"`average_every` must be an int >= 1 or unset, got {self.average_every!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"`max_grad_norm` must be > 0 or None, got {self.max_grad_norm!r}")
 
@@ -166,6 +178,8 @@ class TrainResult:
     train_s: float = 0.0
     stopped: str | None = None  # "time" when a wall-clock budget ended the run early
     best_eval: dict | None = None
+    averaged_steps: list[int] | None = None  # the snapshots whose mean is the adapter (average_every)
+    average_metric: float | None = None  # that mean's dev score
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -299,6 +313,20 @@ class _RunFiles:
         self.done, self.checkpoint = self.root / "done.json", self.root / "checkpoint.pt"
         self.best, self.log = self.root / "best.safetensors", self.root / "metrics.jsonl"
         self.adapter, self.settings = self.root / "adapter", self.root / "run_settings.json"
+        self.snapshots = self.root / "snapshots"
+
+    def snapshot(self, step: int) -> Path:
+        return self.snapshots / f"step{step}.safetensors"
+
+    def snapshot_steps(self, upto: int) -> list[int]:
+        """The steps, in order, of the snapshots kept so far, up to step ``upto`` (later ones are left by a run
+        resumed from an earlier checkpoint, and are rewritten as it passes them)."""
+        steps = []
+        for path in self.snapshots.glob("step*.safetensors"):
+            number = path.stem[len("step"):]
+            if number.isdigit() and int(number) <= upto:
+                steps.append(int(number))
+        return sorted(steps)
 
     def append_log(self, record: dict) -> None:
         with open(self.log, "a", encoding="utf-8") as handle:
@@ -324,8 +352,11 @@ def _prepare_run_dir(files: _RunFiles, settings: dict, resume: bool, name: str) 
             logger.info("run %s already finished; reusing %s", name, files.adapter)
             return TrainResult(**json.loads(files.done.read_text(encoding="utf-8")))
     else:
+        import shutil
+
         for p in (files.done, files.checkpoint, files.best, files.log):
             p.unlink(missing_ok=True)
+        shutil.rmtree(files.snapshots, ignore_errors=True)
     atomic_json(settings, files.settings)
     return None
 
@@ -472,19 +503,58 @@ class _TrainingRun:
                     value, state["best_metric"], state["best_step"])
 
     # ---------------------------------------------------------------------------------------------- save
+    def snapshot(self, step: int) -> None:
+        """Keep the current LoRA weights (bf16, as bundles store them) for the run's weight average."""
+        self.files.snapshots.mkdir(exist_ok=True)
+        atomic_save_tensors({k: v.to(torch.bfloat16) for k, v in _trainable_state(self.model).items()},
+                            self.files.snapshot(step))
+
+    def _average(self) -> tuple[list[int], float | None] | None:
+        """Load into the model the mean of the last ``average_last`` snapshots and score it on dev; None (and a
+        warning) when there are none."""
+        from safetensors.torch import load_file
+
+        from r2r_core.training.averaging import mean_tensors
+
+        steps = self.files.snapshot_steps(self.state["step"])[-self.config.average_last:]
+        if not steps:
+            logger.warning("run %s: no snapshots to average (average_every=%d, %d steps done); writing the %s "
+                           "adapter", self.name, self.config.average_every, self.state["step"],
+                           "best" if self.dev else "last")
+            return None
+        paths = [self.files.snapshot(s) for s in steps]
+        _load_trainable(self.model, mean_tensors([load_file(str(p)) for p in paths], names=[str(p) for p in paths]),
+                        "the snapshots' mean")
+        value = None
+        if self.dev:
+            t0 = time.perf_counter()
+            res = evaluate_dev(self.model, self.encoder, self.instruction, self.dev, pad_token_id=self.pad_id,
+                               batch_size=self.config.eval_batch_size, adapter_name=ADAPTER_NAME,
+                               autocast_dtype=self.autocast_dtype)
+            value = metric_value(res, self.config.metric)
+            self.files.append_log({"step": self.state["step"], "event": "average", "of_steps": steps,
+                                   self.config.metric: value, "eval_s": round(time.perf_counter() - t0, 2)})
+            logger.info("run %s: the mean of steps %s scores dev %s = %.4f (best single %.4f at step %s)",
+                        self.name, steps, self.config.metric, value, self.state["best_metric"],
+                        self.state["best_step"])
+        return steps, value
+
     def checkpoint(self) -> None:
         save_checkpoint(self.files.checkpoint, trainable=_trainable_state(self.model),
                         optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                         state=dict(self.state))
 
     def save(self, final_loss: float | None, stopped: str | None) -> TrainResult:
-        """Write the best adapter (the last one without dev data) as ``adapter/`` and the result as ``done.json``."""
+        """Write the run's adapter as ``adapter/`` and the result as ``done.json``: with ``average_every``, the mean
+        of the last ``average_last`` snapshots (whatever dev says: it is scored and reported beside the best single
+        checkpoint); otherwise the best adapter on dev (the last one without dev data)."""
         import shutil
 
         from safetensors.torch import load_file
 
         self.model.eval()
-        if self.dev and self.files.best.is_file():
+        averaged = self._average() if self.config.average_every else None
+        if averaged is None and self.dev and self.files.best.is_file():
             _load_trainable(self.model, load_file(str(self.files.best)), str(self.files.best))
         tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=self.files.root))
         self.model.save_pretrained(str(tmp / "a"), selected_adapters=[ADAPTER_NAME])
@@ -498,6 +568,8 @@ class _TrainingRun:
             best_step=state["best_step"], best_metric=state["best_metric"], start_metric=state["start_metric"],
             final_loss=final_loss, pairs_per_s=(state["pairs"] / state["train_s"]) if state["train_s"] else None,
             train_s=round(state["train_s"], 2), stopped=stopped, best_eval=state["best_eval"],
+            averaged_steps=None if averaged is None else averaged[0],
+            average_metric=None if averaged is None else averaged[1],
         )
         atomic_json(asdict(result), self.files.done)
         return result
@@ -574,7 +646,11 @@ def train_adapter(
                 stopped = "time"
             if step % config.eval_every == 0 or step == config.steps or stopped:
                 run.evaluate(step)
-            if step % config.save_every == 0 or step % config.eval_every == 0 or step == config.steps or stopped:
+            keep = config.average_every is not None and (step % config.average_every == 0 or step == config.steps)
+            if keep:
+                run.snapshot(step)
+            if (keep or step % config.save_every == 0 or step % config.eval_every == 0 or step == config.steps
+                    or stopped):
                 run.checkpoint()
             if stopped:
                 logger.warning("run %s: wall-clock budget of %.0fs reached at step %d of %d", name,
