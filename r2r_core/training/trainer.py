@@ -480,16 +480,20 @@ class _TrainingRun:
         return total
 
     # ---------------------------------------------------------------------------------------------- evaluate
+    def _score_dev(self) -> tuple[dict, float, float]:
+        """The current weights on the dev queries: (results, the selection metric, seconds taken)."""
+        t0 = time.perf_counter()
+        res = evaluate_dev(self.model, self.encoder, self.instruction, self.dev, pad_token_id=self.pad_id,
+                           batch_size=self.config.eval_batch_size, adapter_name=ADAPTER_NAME,
+                           autocast_dtype=self.autocast_dtype)
+        return res, metric_value(res, self.config.metric), round(time.perf_counter() - t0, 2)
+
     def evaluate(self, step: int) -> None:
         """Score the dev queries (nothing without them); keep the adapter in ``best.safetensors`` if it improved."""
         if not self.dev:
             return
         config, state = self.config, self.state
-        t0 = time.perf_counter()
-        res = evaluate_dev(self.model, self.encoder, self.instruction, self.dev, pad_token_id=self.pad_id,
-                           batch_size=config.eval_batch_size, adapter_name=ADAPTER_NAME,
-                           autocast_dtype=self.autocast_dtype)
-        value = metric_value(res, config.metric)
+        res, value, eval_s = self._score_dev()
         if step == 0:
             state["start_metric"] = value
         improved = state["best_metric"] is None or value > state["best_metric"]
@@ -497,7 +501,7 @@ class _TrainingRun:
             state.update(best_metric=value, best_step=step, best_eval=res)
             atomic_save_tensors(_trainable_state(self.model), self.files.best)
         self.files.append_log({"step": step, "event": "eval", config.metric: value, "best": state["best_metric"],
-                               "improved": improved, "eval_s": round(time.perf_counter() - t0, 2), **{
+                               "improved": improved, "eval_s": eval_s, **{
                                    f"dev_{k}": v for k, v in res["macro"].items()}})
         logger.info("run %s step %d: dev %s = %.4f (best %.4f at step %s)", self.name, step, config.metric,
                     value, state["best_metric"], state["best_step"])
@@ -527,13 +531,9 @@ class _TrainingRun:
                         "the snapshots' mean")
         value = None
         if self.dev:
-            t0 = time.perf_counter()
-            res = evaluate_dev(self.model, self.encoder, self.instruction, self.dev, pad_token_id=self.pad_id,
-                               batch_size=self.config.eval_batch_size, adapter_name=ADAPTER_NAME,
-                               autocast_dtype=self.autocast_dtype)
-            value = metric_value(res, self.config.metric)
+            _, value, eval_s = self._score_dev()
             self.files.append_log({"step": self.state["step"], "event": "average", "of_steps": steps,
-                                   self.config.metric: value, "eval_s": round(time.perf_counter() - t0, 2)})
+                                   self.config.metric: value, "eval_s": eval_s})
             logger.info("run %s: the mean of steps %s scores dev %s = %.4f (best single %.4f at step %s)",
                         self.name, steps, self.config.metric, value, self.state["best_metric"],
                         self.state["best_step"])
